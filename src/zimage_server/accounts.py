@@ -39,7 +39,9 @@ class Principal:
     api_key_id: int
 
 
-def create_account(session: Session, name: str, *, email: str = "", credits: int = 0, bonus: bool = False) -> Account:
+def create_account(
+    session: Session, name: str, *, email: str = "", credits: int = 0, bonus: bool = False
+) -> Account:
     account = Account(name=name, email=email, balance_cents=0)
     session.add(account)
     session.flush()
@@ -73,20 +75,28 @@ def find_account(session: Session, ref: str) -> Account:
     """An account by numeric id or by exact name."""
     account = session.get(Account, int(ref)) if ref.isdigit() else None
     if account is None:
-        account = session.execute(select(Account).where(Account.name == ref).order_by(Account.id)).scalars().first()
+        account = (
+            session.execute(select(Account).where(Account.name == ref).order_by(Account.id)).scalars().first()
+        )
     if account is None:
         raise NotFound(f"no account with id or name {ref!r}")
     return account
 
 
 def list_keys(session: Session) -> list[tuple[ApiKey, Account]]:
-    rows = session.execute(select(ApiKey, Account).join(Account, Account.id == ApiKey.account_id).order_by(ApiKey.id))
+    rows = session.execute(
+        select(ApiKey, Account).join(Account, Account.id == ApiKey.account_id).order_by(ApiKey.id)
+    )
     return [(key, account) for key, account in rows.tuples()]
 
 
 def revoke_key(session: Session, ref: str) -> ApiKey:
     """Revoke a key by its id or its displayed prefix."""
-    query = select(ApiKey).where(ApiKey.id == int(ref)) if ref.isdigit() else select(ApiKey).where(ApiKey.prefix == ref)
+    query = (
+        select(ApiKey).where(ApiKey.id == int(ref))
+        if ref.isdigit()
+        else select(ApiKey).where(ApiKey.prefix == ref)
+    )
     matches = list(session.execute(query).scalars())
     if len(matches) != 1:
         raise NotFound(f"no single key matches {ref!r}" if matches else f"no key matches {ref!r}")

@@ -28,7 +28,9 @@ def task_price_cents(prices: dict[str, int], model: CatalogModel, num_images: in
     return prices.get(model.id, 0) * num_images
 
 
-def _append(session: Session, account_id: int, kind: str, amount: int, *, task_id: str | None, note: str) -> int:
+def _append(
+    session: Session, account_id: int, kind: str, amount: int, *, task_id: str | None, note: str
+) -> int:
     balance = session.execute(
         update(Account)
         .where(Account.id == account_id)
@@ -50,9 +52,13 @@ def _append(session: Session, account_id: int, kind: str, amount: int, *, task_i
     return balance
 
 
-def grant(session: Session, account_id: int, amount_cents: int, *, bonus: bool = False, note: str = "") -> int:
+def grant(
+    session: Session, account_id: int, amount_cents: int, *, bonus: bool = False, note: str = ""
+) -> int:
     """Add (or, with a negative amount, remove) credits; returns the new balance."""
-    return _append(session, account_id, GRANT_BONUS if bonus else GRANT_PAID, amount_cents, task_id=None, note=note)
+    return _append(
+        session, account_id, GRANT_BONUS if bonus else GRANT_PAID, amount_cents, task_id=None, note=note
+    )
 
 
 def reserve(session: Session, task: Task) -> None:
@@ -66,7 +72,9 @@ def reserve(session: Session, task: Task) -> None:
         .returning(Account.balance_cents)
     ).scalar_one_or_none()
     if balance is None:
-        available = session.execute(select(Account.balance_cents).where(Account.id == task.account_id)).scalar()
+        available = session.execute(
+            select(Account.balance_cents).where(Account.id == task.account_id)
+        ).scalar()
         raise InsufficientCredits(
             f"this task costs {task.price_cents} credits (cents) and the balance is {available or 0}"
         )
@@ -84,8 +92,9 @@ def reserve(session: Session, task: Task) -> None:
 
 def _has_entry(session: Session, task_id: str, kind: str) -> bool:
     return (
-        session.execute(select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.kind == kind))
-        .first()
+        session.execute(
+            select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.kind == kind)
+        ).first()
         is not None
     )
 
@@ -97,8 +106,12 @@ def settle(session: Session, task: Task) -> None:
     balance = session.execute(select(Account.balance_cents).where(Account.id == task.account_id)).scalar_one()
     session.add(
         LedgerEntry(
-            account_id=task.account_id, task_id=task.id, kind=SETTLE, amount_cents=0,
-            balance_after_cents=balance, note=f"charged {task.price_cents}",
+            account_id=task.account_id,
+            task_id=task.id,
+            kind=SETTLE,
+            amount_cents=0,
+            balance_after_cents=balance,
+            note=f"charged {task.price_cents}",
         )
     )
 
@@ -149,7 +162,9 @@ def summarize(session: Session, account_id: int) -> BalanceSummary:
         balance_cents=account.balance_cents,
         paid_balance_cents=account.balance_cents - bonus_left,
         bonus_balance_cents=bonus_left,
-        spent_cents_today=int(session.execute(completed.where(Task.completed_at >= start_of_day)).scalar_one()),
+        spent_cents_today=int(
+            session.execute(completed.where(Task.completed_at >= start_of_day)).scalar_one()
+        ),
         spent_cents_total=int(session.execute(completed).scalar_one()),
         reserved_cents=int(session.execute(reserved).scalar_one()),
     )
@@ -158,6 +173,8 @@ def summarize(session: Session, account_id: int) -> BalanceSummary:
 def ledger_sum(session: Session, account_id: int) -> int:
     return int(
         session.execute(
-            select(func.coalesce(func.sum(LedgerEntry.amount_cents), 0)).where(LedgerEntry.account_id == account_id)
+            select(func.coalesce(func.sum(LedgerEntry.amount_cents), 0)).where(
+                LedgerEntry.account_id == account_id
+            )
         ).scalar_one()
     )

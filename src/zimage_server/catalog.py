@@ -25,9 +25,7 @@ TURBO = CatalogModel(
 CATALOG: tuple[CatalogModel, ...] = (TURBO,)
 DEFAULT_MODEL_NAME = "z-image"
 
-_BY_NAME: dict[str, CatalogModel] = {
-    name: model for model in CATALOG for name in (model.id, *model.aliases)
-}
+_BY_NAME: dict[str, CatalogModel] = {name: model for model in CATALOG for name in (model.id, *model.aliases)}
 
 
 def public_model_names() -> list[str]:

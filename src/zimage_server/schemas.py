@@ -25,14 +25,24 @@ class TextToImageRequest(BaseModel):
     prompt: str = Field(description="What to draw, 1-1000 characters, Chinese or English.")
     negative_prompt: str | None = Field(default=None, description="What to avoid (no effect at guidance 0).")
     aspect_ratio: AspectRatio | None = Field(default=None, description="Mapped to a size near one megapixel.")
-    size: str | None = Field(default=None, description='"WIDTHxHEIGHT", both multiples of 16.', examples=["1024x1024"])
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random when omitted; image i uses seed+i.")
+    size: str | None = Field(
+        default=None, description='"WIDTHxHEIGHT", both multiples of 16.', examples=["1024x1024"]
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**32 - 1, description="Random when omitted; image i uses seed+i."
+    )
     num_images: int = Field(default=1, ge=1, description="Images in this task (at most 4 by default).")
-    num_inference_steps: int | None = Field(default=None, ge=1, description="Denoising steps (Turbo default 8).")
-    guidance_scale: float | None = Field(default=None, ge=0, le=20, description="0 (Turbo default) disables CFG.")
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, description="Denoising steps (Turbo default 8)."
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=20, description="0 (Turbo default) disables CFG."
+    )
     output_format: OutputFormat = "png"
     callback_url: str | None = Field(default=None, max_length=2048, description="Called when the task ends.")
-    enable_safety_checker: bool | None = Field(default=None, description="No checker ships yet: true is refused.")
+    enable_safety_checker: bool | None = Field(
+        default=None, description="No checker ships yet: true is refused."
+    )
 
 
 class ImageOut(BaseModel):

@@ -80,7 +80,10 @@ class ImageStore:
         if not hmac.compare_digest(expected, signature):
             raise Forbidden("the file URL's signature is not valid", code="invalid_signature")
         if int(expires) < time.time():
-            raise Gone("this file URL has expired: images are kept for a limited time after a task completes", code="url_expired")
+            raise Gone(
+                "this file URL has expired: images are kept for a limited time after a task completes",
+                code="url_expired",
+            )
         path = self.root / task_id / name
         if not path.is_file():
             raise Gone("this file is no longer stored", code="file_deleted")

@@ -18,8 +18,8 @@ from zimage_server.accounts import Principal
 from zimage_server.catalog import DEFAULT_MODEL_NAME, lookup_model, public_model_names
 from zimage_server.config import Settings
 from zimage_server.db.models import Task
-from zimage_server.engine.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from zimage_server.engine.resolutions import ASPECT_RATIO_SIZES, parse_size
+from zimage_server.engine.spec import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from zimage_server.errors import NotFound, ValidationFailed
 from zimage_server.schemas import TextToImageRequest
 from zimage_server.storage import OUTPUT_FORMATS, ImageStore
@@ -55,10 +55,14 @@ def _resolve_size(request: TextToImageRequest, settings: Settings) -> tuple[int,
     except ValueError as exc:
         raise ValidationFailed(str(exc), param="size") from None
     if width % 16 or height % 16:
-        raise ValidationFailed(f"size {width}x{height}: width and height must be multiples of 16", param="size")
+        raise ValidationFailed(
+            f"size {width}x{height}: width and height must be multiples of 16", param="size"
+        )
     low, high = settings.min_image_side, settings.max_image_side
     if not (low <= width <= high and low <= height <= high):
-        raise ValidationFailed(f"size {width}x{height}: each side must be between {low} and {high}", param="size")
+        raise ValidationFailed(
+            f"size {width}x{height}: each side must be between {low} and {high}", param="size"
+        )
     if width * height > settings.max_image_pixels:
         raise ValidationFailed(
             f"size {width}x{height} has {width * height} pixels; the limit is {settings.max_image_pixels}",
@@ -80,7 +84,8 @@ def validate_request(request: TextToImageRequest, settings: Settings) -> Validat
     model = lookup_model(model_name)
     if model is None:
         raise ValidationFailed(
-            f"unknown model {model_name!r}; this server offers {', '.join(public_model_names())}", param="model"
+            f"unknown model {model_name!r}; this server offers {', '.join(public_model_names())}",
+            param="model",
         )
     prompt = request.prompt
     if not prompt.strip():
@@ -108,7 +113,8 @@ def validate_request(request: TextToImageRequest, settings: Settings) -> Validat
     steps = request.num_inference_steps or DEFAULT_STEPS
     if steps > settings.max_inference_steps:
         raise ValidationFailed(
-            f"num_inference_steps must be between 1 and {settings.max_inference_steps}", param="num_inference_steps"
+            f"num_inference_steps must be between 1 and {settings.max_inference_steps}",
+            param="num_inference_steps",
         )
     width, height = _resolve_size(request, settings)
     callback_url = _check_callback_url(request.callback_url) if request.callback_url else None
@@ -123,7 +129,9 @@ def validate_request(request: TextToImageRequest, settings: Settings) -> Validat
         "seed": seed,
         "num_images": request.num_images,
         "num_inference_steps": steps,
-        "guidance_scale": request.guidance_scale if request.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE,
+        "guidance_scale": request.guidance_scale
+        if request.guidance_scale is not None
+        else DEFAULT_GUIDANCE_SCALE,
         "output_format": request.output_format,
     }
     price = billing.task_price_cents(settings.price_cents_per_image, model, request.num_images)
@@ -193,7 +201,9 @@ class Renderer:
             body["progress"] = {"step": task.progress_step, "total": task.progress_total}
         if task.status == COMPLETED and task.completed_at is not None:
             base = (self._settings.public_base_url or base_url).rstrip("/")
-            expires = int((task.completed_at + timedelta(seconds=self._settings.signed_url_ttl_seconds)).timestamp())
+            expires = int(
+                (task.completed_at + timedelta(seconds=self._settings.signed_url_ttl_seconds)).timestamp()
+            )
             media_type = OUTPUT_FORMATS[params["output_format"]][1]
             images = [
                 {

@@ -34,7 +34,9 @@ def current_principal(
     with state.db.session() as session:
         principal = authenticate(session, credentials.credentials.strip())
     if principal is None:
-        raise Unauthorized("the API key is not valid or has been revoked", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "the API key is not valid or has been revoked", headers={"WWW-Authenticate": "Bearer"}
+        )
     return principal
 
 

@@ -26,10 +26,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
-def _envelope(status: int, code: str, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _envelope(
+    status: int, code: str, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if param is not None:
         error["param"] = param

@@ -45,13 +45,17 @@ class DurationEstimator:
 
     @staticmethod
     def units(params: dict[str, Any]) -> float:
-        return float(params["width"] * params["height"] * params["num_inference_steps"] * params["num_images"])
+        return float(
+            params["width"] * params["height"] * params["num_inference_steps"] * params["num_images"]
+        )
 
     def observe(self, params: dict[str, Any], seconds: float) -> None:
         rate = seconds / max(1.0, self.units(params))
         with self._lock:
             previous = self._seconds_per_unit
-            self._seconds_per_unit = rate if previous is None else previous + self._smoothing * (rate - previous)
+            self._seconds_per_unit = (
+                rate if previous is None else previous + self._smoothing * (rate - previous)
+            )
 
     def estimate(self, params: dict[str, Any], fraction_done: float = 0.0) -> float:
         with self._lock:
@@ -176,7 +180,10 @@ class Runner:
 
         try:
             images = self.engine.generate(spec, on_step=on_step)
-            files = [self._store.save(task_id, index, image, params["output_format"]) for index, image in enumerate(images)]
+            files = [
+                self._store.save(task_id, index, image, params["output_format"])
+                for index, image in enumerate(images)
+            ]
         except GenerationCancelled:
             self._release(task_id)
             return
