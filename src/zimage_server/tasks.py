@@ -167,9 +167,15 @@ def get_owned(session: Session, principal: Principal, task_id: str) -> Task:
 
 
 def queue_position(session: Session, task: Task) -> int:
+    """Tasks that will run before this one: those rendering now and those queued earlier."""
     ahead = select(func.count()).where(
-        Task.status == PENDING,
-        or_(Task.created_at < task.created_at, and_(Task.created_at == task.created_at, Task.id < task.id)),
+        or_(
+            Task.status == PROCESSING,
+            and_(
+                Task.status == PENDING,
+                or_(Task.created_at < task.created_at, and_(Task.created_at == task.created_at, Task.id < task.id)),
+            ),
+        )
     )
     return int(session.execute(ahead).scalar_one())
 

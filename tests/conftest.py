@@ -1,0 +1,127 @@
+"""Shared fixtures: one tiny model per session, and live servers running as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from zimage_server import accounts
+from zimage_server.db.session import Database
+from zimage_server.engine.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """`zimage serve` in its own process, as a user runs it, on a loopback port."""
+
+    data_dir: Path
+    model: Path
+    port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server-{self.port}.log"
+        log = self.log_path.open("ab")
+        env = {**os.environ, "ZIMAGE_WORKER_IDLE_POLL_SECONDS": "0.2", **self.env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "zimage_server", "serve", "--port", str(self.port),
+             "--data-dir", str(self.data_dir), "--model", str(self.model), "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the crash a power cut or the OOM killer causes, with no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def database(self) -> Database:
+        return Database(f"sqlite:///{self.data_dir / 'zimage.db'}")
+
+    def create_key(self, name: str, credits: int = 100) -> str:
+        db = self.database()
+        try:
+            with db.session() as session:
+                account = accounts.create_account(session, name, email=f"{name}@example.test", credits=credits)
+                return accounts.create_key(session, account, name).key
+        finally:
+            db.dispose()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveServer]:
+    live = LiveServer(data_dir=tmp_path_factory.mktemp("data") / "zimage", model=tiny_model_dir)
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def api_key(server: LiveServer, request: pytest.FixtureRequest) -> str:
+    """A fresh account with 100 cents for each test, so tests cannot see each other's tasks or money."""
+    return server.create_key(f"acct-{request.node.name[:40]}-{time.monotonic_ns()}", credits=100)
+
+
+@pytest.fixture
+def client(server: LiveServer, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
+        yield http
+
+
+def wait_terminal(http: httpx.Client, task_id: str, timeout: float = 120.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, object] = http.get(f"/v1/tasks/{task_id}").json()
+        if body["status"] in ("completed", "failed"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} not terminal after {timeout}s")
