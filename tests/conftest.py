@@ -51,9 +51,23 @@ class LiveServer:
         log = self.log_path.open("ab")
         env = {**os.environ, "ZIMAGE_WORKER_IDLE_POLL_SECONDS": "0.2", **self.env}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "zimage_server", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--model", str(self.model), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "zimage_server",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--model",
+                str(self.model),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -91,7 +105,9 @@ class LiveServer:
         db = self.database()
         try:
             with db.session() as session:
-                account = accounts.create_account(session, name, email=f"{name}@example.test", credits=credits)
+                account = accounts.create_account(
+                    session, name, email=f"{name}@example.test", credits=credits
+                )
                 return accounts.create_key(session, account, name).key
         finally:
             db.dispose()
@@ -113,7 +129,9 @@ def api_key(server: LiveServer, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def client(server: LiveServer, api_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
+    with httpx.Client(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+    ) as http:
         yield http
 
 

@@ -57,7 +57,8 @@ def test_official_sdk_create_get_and_account(server: LiveServer, api_key: str) -
     assert download(fetched.images[0].url).size == (1024, 1024)
 
     info = client.account.info()
-    assert info.account.id == info.id and info.email.endswith("@example.test")
+    assert info.account.id == info.id
+    assert info.email.endswith("@example.test")
     balance = client.account.balance()
     assert balance.balance_cents == 99
     assert balance.spent_cents_total == balance.spent_cents_today == 1
@@ -70,27 +71,37 @@ def test_official_sdk_create_get_and_account(server: LiveServer, api_key: str) -
 
 def test_price_list_answers_304_to_its_etag(server: LiveServer) -> None:
     first = httpx.get(f"{server.base_url}/api/v1/price_schedules")
-    assert first.status_code == 200 and first.headers["etag"]
-    again = httpx.get(f"{server.base_url}/api/v1/price_schedules", headers={"If-None-Match": first.headers["etag"]})
+    assert first.status_code == 200
+    assert first.headers["etag"]
+    again = httpx.get(
+        f"{server.base_url}/api/v1/price_schedules", headers={"If-None-Match": first.headers["etag"]}
+    )
     assert again.status_code == 304
     assert httpx.get(f"{server.base_url}/api/v1/price_schedules?model=nope").json()["price_schedules"] == []
 
 
 def test_seed_shape_and_one_store_behind_both_surfaces(client: httpx.Client) -> None:
-    response = client.post("/v1/text_to_image", json={"model": "z-image", "prompt": "a cat", "size": "512x256"})
+    response = client.post(
+        "/v1/text_to_image", json={"model": "z-image", "prompt": "a cat", "size": "512x256"}
+    )
     assert response.status_code == 200
     body = response.json()
-    assert body["task_id"] == body["id"] and body["status"] == "pending" and body["model"] == "z-image"
+    assert body["task_id"] == body["id"]
+    assert body["status"] == "pending"
+    assert body["model"] == "z-image"
     assert response.headers["x-runapi-task-id"] == body["id"]
     done = wait_terminal(client, body["id"])
     assert done["status"] == "completed"
     same = client.get(f"/api/v1/z_image/text_to_image/{body['id']}").json()
-    assert same["images"] == done["images"] and same["output"]["images"] == [same["images"][0]["url"]]
+    assert same["images"] == done["images"]
+    assert same["output"]["images"] == [same["images"][0]["url"]]
     assert download(same["images"][0]["url"]).size == (512, 256)
 
 
 def test_pending_tasks_carry_retry_after_and_queue_position(client: httpx.Client) -> None:
-    first = client.post("/v1/text_to_image", json={"prompt": "a", "size": "512x512", "num_inference_steps": 8})
+    first = client.post(
+        "/v1/text_to_image", json={"prompt": "a", "size": "512x512", "num_inference_steps": 8}
+    )
     second = client.post("/v1/text_to_image", json={"prompt": "b", **SMALL})
     assert second.json()["status"] == "pending"
     assert int(second.headers["retry-after"]) >= 1
@@ -111,18 +122,25 @@ def test_pending_tasks_carry_retry_after_and_queue_position(client: httpx.Client
 
 
 def test_same_seed_same_image_and_seed_is_returned(client: httpx.Client) -> None:
-    bodies = [client.post("/v1/text_to_image", json={"prompt": "seeded", "seed": 42, **SMALL}).json() for _ in range(2)]
+    bodies = [
+        client.post("/v1/text_to_image", json={"prompt": "seeded", "seed": 42, **SMALL}).json()
+        for _ in range(2)
+    ]
     results = [wait_terminal(client, body["id"]) for body in bodies]
     assert [result["seed"] for result in results] == [42, 42]
     images = [httpx.get(result["images"][0]["url"]).content for result in results]  # type: ignore[index]
     assert images[0] == images[1]
-    unseeded = wait_terminal(client, client.post("/v1/text_to_image", json={"prompt": "x", **SMALL}).json()["id"])
+    unseeded = wait_terminal(
+        client, client.post("/v1/text_to_image", json={"prompt": "x", **SMALL}).json()["id"]
+    )
     assert isinstance(unseeded["seed"], int)
 
 
 @pytest.mark.parametrize("output_format", ["jpeg", "webp"])
 def test_output_formats(client: httpx.Client, output_format: str) -> None:
-    task = client.post("/v1/text_to_image", json={"prompt": "x", "output_format": output_format, "num_images": 2, **SMALL})
+    task = client.post(
+        "/v1/text_to_image", json={"prompt": "x", "output_format": output_format, "num_images": 2, **SMALL}
+    )
     done = wait_terminal(client, task.json()["id"])
     assert len(done["images"]) == 2  # type: ignore[arg-type]
     assert done["usage"] == {"cost": 0.02, "cost_cents": 2, "currency": "USD", "generated_images": 2}
@@ -142,9 +160,11 @@ def test_auth_failures(server: LiveServer, api_key: str) -> None:
     url = f"{server.base_url}/api/v1/z_image/text_to_image"
     body = {"prompt": "x", **SMALL}
     missing = httpx.post(url, json=body)
-    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
     wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer zimg_not-a-key"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
     not_bearer = httpx.get(f"{server.base_url}/api/v1/me", headers={"Authorization": f"Basic {api_key}"})
     assert not_bearer.status_code == 401
     with pytest.raises(AuthenticationError):
@@ -155,12 +175,18 @@ def test_revoked_key_is_refused(server: LiveServer) -> None:
     from zimage_server import accounts
 
     key = server.create_key("to-revoke")
-    assert httpx.get(f"{server.base_url}/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert (
+        httpx.get(f"{server.base_url}/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code
+        == 200
+    )
     db = server.database()
     with db.session() as session:
         accounts.revoke_key(session, key[:11])
     db.dispose()
-    assert httpx.get(f"{server.base_url}/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert (
+        httpx.get(f"{server.base_url}/api/v1/me", headers={"Authorization": f"Bearer {key}"}).status_code
+        == 401
+    )
 
 
 def test_another_accounts_task_is_a_404(server: LiveServer, client: httpx.Client) -> None:
@@ -224,12 +250,18 @@ def test_validation_errors(
 
 
 def test_malformed_bodies(client: httpx.Client, server: LiveServer) -> None:
-    broken = client.post("/v1/text_to_image", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
-    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+    broken = client.post(
+        "/v1/text_to_image", content=b'{"prompt": ', headers={"Content-Type": "application/json"}
+    )
+    assert broken.status_code == 400
+    assert broken.json()["error"]["code"] == "invalid_json"
     not_object = client.post("/v1/text_to_image", json=["prompt"])
-    assert not_object.status_code == 422 and not_object.json()["error"]["code"] == "validation_error"
+    assert not_object.status_code == 422
+    assert not_object.json()["error"]["code"] == "validation_error"
     with pytest.raises(ValidationError):
-        sdk(server, client.headers["Authorization"].split()[1]).text_to_image.create(prompt="x", aspect_ratio="7:3")
+        sdk(server, client.headers["Authorization"].split()[1]).text_to_image.create(
+            prompt="x", aspect_ratio="7:3"
+        )
 
 
 def test_safety_checker_false_is_accepted(client: httpx.Client) -> None:
@@ -241,7 +273,9 @@ def test_safety_checker_false_is_accepted(client: httpx.Client) -> None:
 def test_insufficient_credits_is_a_402_and_creates_nothing(server: LiveServer) -> None:
     key = server.create_key("broke", credits=1)
     headers = {"Authorization": f"Bearer {key}"}
-    response = httpx.post(f"{server.base_url}/v1/text_to_image", json={"prompt": "x", "num_images": 2, **SMALL}, headers=headers)
+    response = httpx.post(
+        f"{server.base_url}/v1/text_to_image", json={"prompt": "x", "num_images": 2, **SMALL}, headers=headers
+    )
     assert response.status_code == 402
     assert response.json()["error"]["code"] == "insufficient_credits"
     with pytest.raises(InsufficientCreditsError):
@@ -264,26 +298,36 @@ def test_signed_urls_refuse_tampering_and_expiry(server: LiveServer, client: htt
     other_file = httpx.URL(str(url).replace("/0.png", "/1.png"))
     assert httpx.get(other_file).status_code == 403
     assert httpx.get(url.copy_remove_param("signature")).status_code in (403, 404)
-    assert httpx.get(f"{server.base_url}/files/{task_id}/..%2Fzimage.db?expires=1&signature=x").status_code == 404
+    assert (
+        httpx.get(f"{server.base_url}/files/{task_id}/..%2Fzimage.db?expires=1&signature=x").status_code
+        == 404
+    )
     # A correctly signed URL whose time is up: signed with the server's own key, expiry in the past.
-    store = ImageStore(server.data_dir / "images", (server.data_dir / "url-signing.key").read_text().strip().encode())
+    store = ImageStore(
+        server.data_dir / "images", (server.data_dir / "url-signing.key").read_text().strip().encode()
+    )
     expired = httpx.get(server.base_url + store.signed_path(task_id, "0.png", int(time.time()) - 1))
-    assert expired.status_code == 410 and expired.json()["error"]["code"] == "url_expired"
+    assert expired.status_code == 410
+    assert expired.json()["error"]["code"] == "url_expired"
 
 
 def test_health_readiness_and_models(server: LiveServer) -> None:
     assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.base_url}/readyz")
-    assert ready.status_code == 200 and ready.json()["model"]["random_weights"] is True
+    assert ready.status_code == 200
+    assert ready.json()["model"]["random_weights"] is True
     models = httpx.get(f"{server.base_url}/v1/models").json()
     assert {card["id"] for card in models["data"]} == {"z-image", "z-image-turbo"}
     weights = models["data"][0]["served_weights"]
-    assert weights["random_weights"] is True and "noise" in weights["warning"]
+    assert weights["random_weights"] is True
+    assert "noise" in weights["warning"]
     assert weights["source"] == str(server.model)
 
 
 def test_unknown_route_and_method_use_the_envelope(server: LiveServer, client: httpx.Client) -> None:
     missing = httpx.get(f"{server.base_url}/nope")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
     wrong_method = client.delete("/v1/text_to_image")
-    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"

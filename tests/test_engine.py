@@ -14,7 +14,11 @@ from zimage_server.engine import GenerationCancelled, GenerationSpec, ZImageEngi
 from zimage_server.engine.spec import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from zimage_server.engine.tiny import is_tiny_model
 
-PROMPTS = ["a cat", "一只猫坐在红色的沙发上，柔和的光线", "an astronaut riding a horse on the moon, cinematic, 35mm"]
+PROMPTS = [
+    "a cat",
+    "一只猫坐在红色的沙发上，柔和的光线",
+    "an astronaut riding a horse on the moon, cinematic, 35mm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +39,14 @@ def max_pixel_difference(first: Any, second: Any) -> int:
 
 def spec(**overrides: Any) -> GenerationSpec:
     values: dict[str, Any] = dict(
-        prompt="a red fox in snow", negative_prompt=None, width=256, height=256, num_images=1,
-        num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=1234,
+        prompt="a red fox in snow",
+        negative_prompt=None,
+        width=256,
+        height=256,
+        num_images=1,
+        num_inference_steps=DEFAULT_STEPS,
+        guidance_scale=DEFAULT_GUIDANCE_SCALE,
+        seed=1234,
     )
     return GenerationSpec(**{**values, **overrides})
 
@@ -46,7 +56,10 @@ def test_tiny_model_round_trips_through_from_pretrained(tiny_model_dir: Path, en
     assert is_tiny_model(tiny_model_dir)
     assert type(engine.pipeline).__name__ == "ZImagePipeline"
     assert engine.describe() == {
-        "source": str(tiny_model_dir), "device": "cpu", "dtype": "float32", "random_weights": True,
+        "source": str(tiny_model_dir),
+        "device": "cpu",
+        "dtype": "float32",
+        "random_weights": True,
     }
 
 
@@ -62,7 +75,9 @@ def test_prompt_embeddings_equal_the_stock_pipeline_without_512_padding(
     finally:
         hook.remove()
     with torch.inference_mode():
-        theirs = stock.encode_prompt(list(PROMPTS), device=torch.device("cpu"), do_classifier_free_guidance=False)[0]
+        theirs = stock.encode_prompt(
+            list(PROMPTS), device=torch.device("cpu"), do_classifier_free_guidance=False
+        )[0]
     # One text-encoder pass, padded to the batch's longest prompt instead of 512 tokens.
     longest = max(embedding.shape[0] for embedding in theirs)
     assert seen_lengths == [longest]
@@ -76,8 +91,12 @@ def test_prompt_embeddings_equal_the_stock_pipeline_without_512_padding(
 def test_image_equals_the_stock_pipeline_for_the_same_seed(engine: ZImageEngine, stock: Any) -> None:
     ours = engine.generate(spec(width=320, height=192))[0]
     reference = stock(
-        prompt="a red fox in snow", width=320, height=192, num_inference_steps=DEFAULT_STEPS,
-        guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(1234),
+        prompt="a red fox in snow",
+        width=320,
+        height=192,
+        num_inference_steps=DEFAULT_STEPS,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(1234),
     ).images[0]
     assert ours.size == (320, 192)
     assert max_pixel_difference(ours, reference) <= 1
@@ -100,7 +119,9 @@ def test_guidance_above_zero_uses_the_negative_prompt(engine: ZImageEngine) -> N
 
 def test_on_step_reports_every_step_and_can_cancel(engine: ZImageEngine) -> None:
     steps: list[tuple[int, int]] = []
-    engine.generate(spec(num_inference_steps=4), on_step=lambda step, total: steps.append((step, total)) or True)
+    engine.generate(
+        spec(num_inference_steps=4), on_step=lambda step, total: steps.append((step, total)) or True
+    )
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     with pytest.raises(GenerationCancelled) as cancelled:
         engine.generate(spec(num_inference_steps=6), on_step=lambda step, _total: step < 2)
@@ -118,13 +139,17 @@ def test_spec_rejects_impossible_requests() -> None:
 
 def test_model_choice(tmp_path: Path, tiny_model_dir: Path) -> None:
     tiny = resolve_model_source("tiny", tmp_path)
-    assert tiny.random_weights and (Path(tiny.source) / "model_index.json").is_file()
+    assert tiny.random_weights
+    assert (Path(tiny.source) / "model_index.json").is_file()
     local = resolve_model_source(str(tiny_model_dir), tmp_path)
-    assert local.source == str(tiny_model_dir.resolve()) and local.random_weights
+    assert local.source == str(tiny_model_dir.resolve())
+    assert local.random_weights
     hub = resolve_model_source("Tongyi-MAI/Z-Image-Turbo", tmp_path)
-    assert hub.source == "Tongyi-MAI/Z-Image-Turbo" and not hub.random_weights
+    assert hub.source == "Tongyi-MAI/Z-Image-Turbo"
+    assert not hub.random_weights
     # No GPU and no weights on this machine: auto must fall back to the tiny model, and say so.
     auto = resolve_model_source("auto", tmp_path / "empty")
-    assert auto.random_weights and "noise" in auto.reason
-    with pytest.raises(ValueError, match="model_index.json"):
+    assert auto.random_weights
+    assert "noise" in auto.reason
+    with pytest.raises(ValueError, match=r"model_index\.json"):
         resolve_model_source(str(tmp_path), tmp_path)

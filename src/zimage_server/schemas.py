@@ -88,7 +88,9 @@ class TaskOut(BaseModel):
     error_code: str | None = None
     usage: Usage | None = None
     expires_at: int | None = Field(default=None, description="Unix time after which image URLs stop working.")
-    queue_position: int | None = Field(default=None, description="Tasks that run before this one (pending tasks only).")
+    queue_position: int | None = Field(
+        default=None, description="Tasks that run before this one (pending tasks only)."
+    )
     progress: Progress | None = None
 
 

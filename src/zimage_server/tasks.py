@@ -152,9 +152,11 @@ def submit(session: Session, principal: Principal, validated: ValidatedRequest, 
         callback_url=validated.callback_url,
         image_files=[],
     )
-    session.add(task)
-    session.flush()
-    billing.reserve(session, task)
+    # A savepoint, so that a refusal (402) leaves no task row behind even inside a longer transaction.
+    with session.begin_nested():
+        session.add(task)
+        session.flush()
+        billing.reserve(session, task)
     return task
 
 
@@ -173,7 +175,10 @@ def queue_position(session: Session, task: Task) -> int:
             Task.status == PROCESSING,
             and_(
                 Task.status == PENDING,
-                or_(Task.created_at < task.created_at, and_(Task.created_at == task.created_at, Task.id < task.id)),
+                or_(
+                    Task.created_at < task.created_at,
+                    and_(Task.created_at == task.created_at, Task.id < task.id),
+                ),
             ),
         )
     )
