@@ -1,6 +1,7 @@
-"""Load a running zimage-server: submit TASKS tasks from CLIENTS concurrent clients, wait for all, print figures.
+"""Load a running zimage-server: TASKS tasks from CLIENTS concurrent clients; wait for all; print figures.
 
-    .venv/bin/python scripts/load.py --base-url http://127.0.0.1:8000 --api-key zimg_... --tasks 60 --clients 4
+    .venv/bin/python scripts/load.py --base-url http://127.0.0.1:8000 --api-key zimg_... \\
+        --tasks 60 --clients 4
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--tasks", type=int, default=60)
@@ -29,18 +32,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
 
+    headers = {"Authorization": f"Bearer {args.api_key}"}
     submit_latencies: list[float] = []
     ids: list[str] = []
     lock = threading.Lock()
     counter = iter(range(args.tasks))
 
     def client_loop() -> None:
-        with httpx.Client(base_url=args.base_url, headers={"Authorization": f"Bearer {args.api_key}"}) as http:
+        with httpx.Client(base_url=args.base_url, headers=headers) as http:
             for index in counter:
                 started = time.perf_counter()
                 response = http.post(
                     "/v1/text_to_image",
-                    json={"prompt": f"load test {index}", "size": args.size, "num_inference_steps": args.steps},
+                    json={
+                        "prompt": f"load test {index}",
+                        "size": args.size,
+                        "num_inference_steps": args.steps,
+                    },
                 )
                 elapsed = time.perf_counter() - started
                 response.raise_for_status()
@@ -57,7 +65,7 @@ def main() -> None:
     submitted = time.perf_counter() - started
 
     results: dict[str, Any] = {}
-    with httpx.Client(base_url=args.base_url, headers={"Authorization": f"Bearer {args.api_key}"}) as http:
+    with httpx.Client(base_url=args.base_url, headers=headers) as http:
         pending = set(ids)
         while pending:
             for task_id in list(pending):
@@ -74,7 +82,8 @@ def main() -> None:
         f"p90 {percentile(submit_latencies, 0.9) * 1000:.1f}  max {max(submit_latencies) * 1000:.1f}"
     )
     print(f"all submitted in {submitted:.2f}s; all terminal in {finished:.1f}s")
-    print(f"completed {completed}, failed {len(ids) - completed}; {completed / finished * 60:.1f} tasks/minute")
+    rate = completed / finished * 60
+    print(f"completed {completed}, failed {len(ids) - completed}; {rate:.1f} tasks/minute")
 
 
 if __name__ == "__main__":
