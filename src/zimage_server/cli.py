@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -210,7 +211,7 @@ def keys_revoke(
 
 def _balance_dict(session: Session, account: Account) -> dict[str, Any]:
     summary = billing.summarize(session, account.id)
-    return {"account_id": account.id, "account_name": account.name, **summary.__dict__}
+    return {"account_id": account.id, "account_name": account.name, **dataclasses.asdict(summary)}
 
 
 @credits_app.command("add")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime
@@ -51,14 +52,7 @@ def me(state: State, principal: CurrentPrincipal) -> MeOut:
 def balance(state: State, principal: CurrentPrincipal) -> BalanceOut:
     with state.db.session() as session:
         summary = billing.summarize(session, principal.account_id)
-    return BalanceOut(
-        balance_cents=summary.balance_cents,
-        paid_balance_cents=summary.paid_balance_cents,
-        bonus_balance_cents=summary.bonus_balance_cents,
-        spent_cents_today=summary.spent_cents_today,
-        spent_cents_total=summary.spent_cents_total,
-        reserved_cents=summary.reserved_cents,
-    )
+    return BalanceOut(**dataclasses.asdict(summary))
 
 
 def _schedule(settings: Settings, model: CatalogModel, name: str) -> PriceSchedule:
