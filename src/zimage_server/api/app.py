@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from zimage_server import __version__
 from zimage_server.api import account, public
 from zimage_server.api import tasks as task_routes
-from zimage_server.api.errors import install_error_handlers
+from zimage_server.api.errors import install_error_handlers, internal_error_response
 from zimage_server.api.state import ServiceState
 from zimage_server.config import Settings
 from zimage_server.db.session import Database
@@ -87,7 +87,12 @@ def create_app(state: ServiceState) -> FastAPI:
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         incoming = request.headers.get("x-request-id", "")
         rid = incoming if _CLIENT_REQUEST_ID.fullmatch(incoming) else f"req_{secrets.token_hex(12)}"
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:
+            # Handled here rather than by Starlette's outermost error middleware, so 500s carry the id too.
+            log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
+            response = internal_error_response()
         response.headers["x-request-id"] = rid
         return response
 

@@ -81,4 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _envelope(500, "internal_error", "the server hit an unexpected error; it has been logged")
+        return internal_error_response()
+
+
+def internal_error_response() -> JSONResponse:
+    return _envelope(500, "internal_error", "the server hit an unexpected error; it has been logged")
