@@ -79,3 +79,55 @@ def test_money_moves_are_idempotent_and_balanced(tmp_path: Path) -> None:
         assert session.get(type(account), account.id).balance_cents == 3  # type: ignore[union-attr]
         assert billing.ledger_sum(session, account.id) == 3
     db.dispose()
+
+
+def test_migrations_upgrade_a_database_with_data(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from zimage_server.db.session import MIGRATIONS_DIR
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "0001")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO accounts (name, email, balance_cents, created_at) VALUES ('a', '', 5, '2026-01-01')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO tasks (id, account_id, surface, requested_model, model_id, status, params, price_cents, "
+                "image_files, attempts, progress_step, progress_total, created_at) VALUES "
+                "('tsk_1', 1, 'runapi', 'z-image', 'z-image-turbo', 'pending', '{}', 1, '[]', 0, 0, 0, '2026-01-01')"
+            )
+        )
+    engine.dispose()
+    db = Database(url)
+    db.migrate()
+    with db.session() as session:
+        task = session.get(Task, "tsk_1")
+        assert task is not None
+        assert task.cancel_requested is False
+        # Foreign keys are enforced again after the migration.
+        session.add(
+            Task(
+                id="tsk_2",
+                account_id=999,
+                surface="x",
+                requested_model="m",
+                model_id="m",
+                params={},
+                price_cents=0,
+                image_files=[],
+            )
+        )
+        with pytest.raises(Exception, match="FOREIGN KEY"):
+            session.flush()
+    db.dispose()

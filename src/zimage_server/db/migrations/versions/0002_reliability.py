@@ -87,15 +87,13 @@ def upgrade() -> None:
     with op.batch_alter_table("webhook_attempts", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_webhook_attempts_delivery_id"), ["delivery_id"], unique=False)
 
-    with op.batch_alter_table("accounts", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("webhook_secret", sa.String(length=100), nullable=True))
-
-    with op.batch_alter_table("tasks", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("lease_owner", sa.String(length=100), nullable=True))
-        batch_op.add_column(sa.Column("lease_expires_at", sa.DateTime(), nullable=True))
-        batch_op.add_column(
-            sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
+    # Plain ADD COLUMN: SQLite does it in place, with no table rebuild.
+    op.add_column("accounts", sa.Column("webhook_secret", sa.String(length=100), nullable=True))
+    op.add_column("tasks", sa.Column("lease_owner", sa.String(length=100), nullable=True))
+    op.add_column("tasks", sa.Column("lease_expires_at", sa.DateTime(), nullable=True))
+    op.add_column(
+        "tasks", sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false())
+    )
 
     # ### end Alembic commands ###
 
