@@ -19,7 +19,8 @@ from zimage_server.db.session import Database
 from zimage_server.engine import GenerationSpec
 from zimage_server.schemas import TextToImageRequest
 from zimage_server.storage import ImageStore
-from zimage_server.tasks import submit, validate_request
+from zimage_server.tasks import Lifecycle, Renderer, submit, validate_request
+from zimage_server.worker.queue import TaskQueue
 from zimage_server.worker.runner import Runner
 
 
@@ -107,7 +108,8 @@ def test_a_failing_task_is_refunded_and_the_worker_goes_on(tmp_path: Path) -> No
     db = Database(settings.resolved_database_url)
     db.migrate()
     store = ImageStore(settings.images_dir, b"secret")
-    runner = Runner(db, store, settings, lambda: ExplodingEngine({"boom"}))  # type: ignore[arg-type,return-value]
+    queue = TaskQueue(db, Lifecycle(Renderer(store, settings), settings), settings)
+    runner = Runner(queue, store, settings, lambda: ExplodingEngine({"boom"}))  # type: ignore[arg-type,return-value]
     with db.session() as session:
         account = accounts.create_account(session, "a", credits=5)
         key = accounts.create_key(session, account, "k")

@@ -44,6 +44,31 @@ class Settings(BaseSettings):
 
     # How often the worker looks for work when nobody woke it (a submit wakes it at once).
     worker_idle_poll_seconds: float = Field(default=1.0, gt=0)
+    # A worker holds the task it runs for this long and renews the lease every third of it; a task whose
+    # lease ran out belongs to a dead worker and is run again, at most max_task_attempts times in all.
+    task_lease_seconds: float = Field(default=30.0, gt=0)
+    max_task_attempts: int = Field(default=3, ge=1)
+
+    # Limits, checked before anything is reserved or stored.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    rate_limit_per_minute: float = Field(default=120.0, gt=0)
+    rate_limit_burst: int = Field(default=30, ge=1)
+    max_pending_tasks_per_account: int = Field(default=100, ge=1)
+    max_pending_tasks_total: int = Field(default=1000, ge=1)
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=3600)
+
+    # Webhooks: each attempt times out; failures retry with exponential backoff and jitter for hours.
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0)
+    webhook_max_attempts: int = Field(default=20, ge=1)
+    webhook_backoff_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_max_age_seconds: float = Field(default=2 * 24 * 3600, gt=0)
+    webhook_concurrency: int = Field(default=8, ge=1)
+    # CIDR networks that callback URLs may point into although they are private, loopback or link-local
+    # (refused by default against SSRF), e.g. ["127.0.0.0/8", "10.0.0.0/8"].
+    webhook_allowed_networks: list[str] = Field(default_factory=list)
+    # On shutdown, keep sending due webhooks for at most this long.
+    shutdown_webhook_flush_seconds: float = Field(default=5.0, ge=0)
 
     @field_validator("data_dir")
     @classmethod

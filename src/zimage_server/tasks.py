@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from zimage_server import billing
+from zimage_server import billing, webhooks
 from zimage_server.accounts import Principal
 from zimage_server.catalog import DEFAULT_MODEL_NAME, lookup_model, public_model_names
 from zimage_server.config import Settings
-from zimage_server.db.models import Task
+from zimage_server.db.models import IdempotencyKey, Task, utcnow
 from zimage_server.engine.resolutions import ASPECT_RATIO_SIZES, parse_size
 from zimage_server.engine.spec import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
-from zimage_server.errors import NotFound, ValidationFailed
+from zimage_server.errors import Conflict, NotFound, RateLimited, ServiceUnavailable, ValidationFailed
 from zimage_server.schemas import TextToImageRequest
 from zimage_server.storage import OUTPUT_FORMATS, ImageStore
 
@@ -71,13 +72,6 @@ def _resolve_size(request: TextToImageRequest, settings: Settings) -> tuple[int,
     return width, height
 
 
-def _check_callback_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed("callback_url must be an absolute http or https URL", param="callback_url")
-    return url
-
-
 def validate_request(request: TextToImageRequest, settings: Settings) -> ValidatedRequest:
     """Check everything about a request before any credit is reserved or any row is written."""
     model_name = request.model or DEFAULT_MODEL_NAME
@@ -117,7 +111,9 @@ def validate_request(request: TextToImageRequest, settings: Settings) -> Validat
             param="num_inference_steps",
         )
     width, height = _resolve_size(request, settings)
-    callback_url = _check_callback_url(request.callback_url) if request.callback_url else None
+    callback_url = request.callback_url or None
+    if callback_url is not None:
+        webhooks.check_target(callback_url, settings)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     params: dict[str, Any] = {
         "prompt": prompt,
@@ -136,6 +132,58 @@ def validate_request(request: TextToImageRequest, settings: Settings) -> Validat
     }
     price = billing.task_price_cents(settings.price_cents_per_image, model, request.num_images)
     return ValidatedRequest(model_name, model.id, params, price, callback_url)
+
+
+def check_queue_bounds(session: Session, account_id: int, settings: Settings) -> None:
+    """Back-pressure: refuse new work while the queue is full, before anything is reserved."""
+    waiting = select(func.count()).select_from(Task).where(Task.status == PENDING)
+    own = int(session.execute(waiting.where(Task.account_id == account_id)).scalar_one())
+    if own >= settings.max_pending_tasks_per_account:
+        raise RateLimited(
+            f"this account already has {own} tasks waiting "
+            f"(the limit is {settings.max_pending_tasks_per_account}); wait for some to finish",
+            code="too_many_pending_tasks",
+            headers={"Retry-After": "5"},
+        )
+    total = int(session.execute(waiting).scalar_one())
+    if total >= settings.max_pending_tasks_total:
+        raise ServiceUnavailable(
+            f"the server's queue is full ({total} tasks waiting); try again shortly",
+            code="queue_full",
+            headers={"Retry-After": "10"},
+        )
+
+
+def request_fingerprint(route: str, body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{route}\n{canonical}".encode()).hexdigest()
+
+
+def find_replay(
+    session: Session, account_id: int, key: str, fingerprint: str, settings: Settings
+) -> Task | None:
+    """The task an earlier request with this Idempotency-Key created, or None if the key is new (or expired).
+
+    The same key with a different request is a 409: the client is confused, and guessing would charge it.
+    """
+    record = session.get(IdempotencyKey, (account_id, key))
+    if record is None:
+        return None
+    if record.created_at < utcnow() - timedelta(seconds=settings.idempotency_ttl_seconds):
+        session.delete(record)
+        session.flush()
+        return None
+    if record.request_hash != fingerprint:
+        raise Conflict(
+            "this Idempotency-Key was already used with a different request; use a new key for a new request",
+            code="idempotency_key_reused",
+        )
+    return session.get(Task, record.task_id)
+
+
+def remember_key(session: Session, account_id: int, key: str, fingerprint: str, task: Task) -> None:
+    session.add(IdempotencyKey(account_id=account_id, key=key, request_hash=fingerprint, task_id=task.id))
+    session.flush()
 
 
 def submit(session: Session, principal: Principal, validated: ValidatedRequest, *, surface: str) -> Task:
@@ -239,6 +287,49 @@ class Renderer:
             body["error"] = task.error_message or "the task failed"
             body["error_code"] = task.error_code or "failed"
         return {key: value for key, value in body.items() if value is not None}
+
+
+CANCELLED_CODE = "cancelled"
+
+
+class Lifecycle:
+    """The one place a task reaches a terminal state: money and the webhook move with it, atomically."""
+
+    def __init__(self, renderer: Renderer, settings: Settings) -> None:
+        self._renderer = renderer
+        self._settings = settings
+
+    def _finish(self, session: Session, task: Task) -> None:
+        base = self._settings.public_base_url or self._settings.local_base_url()
+        webhooks.enqueue(session, task, self._renderer.render(task, base))
+
+    def complete(self, session: Session, task: Task, image_files: list[str]) -> None:
+        task.status = COMPLETED
+        task.image_files = image_files
+        task.completed_at = utcnow()
+        task.progress_step = task.progress_total
+        task.lease_owner = task.lease_expires_at = None
+        billing.settle(session, task)
+        self._finish(session, task)
+
+    def fail(self, session: Session, task: Task, code: str, message: str) -> None:
+        task.status = FAILED
+        task.error_code = code
+        task.error_message = message
+        task.completed_at = utcnow()
+        task.lease_owner = task.lease_expires_at = None
+        billing.refund(session, task, reason=message)
+        self._finish(session, task)
+
+    def end_cancelled(self, session: Session, task: Task) -> None:
+        self.fail(session, task, CANCELLED_CODE, "the task was cancelled by the client")
+
+    def cancel(self, session: Session, task: Task) -> None:
+        """A pending task ends now, refunded; a processing one is flagged and stops at its next step."""
+        if task.status == PENDING:
+            self.end_cancelled(session, task)
+        elif task.status == PROCESSING:
+            task.cancel_requested = True
 
 
 def retry_after_seconds(estimate: float) -> int:

@@ -14,13 +14,18 @@ from fastapi import FastAPI, Request, Response
 from zimage_server import __version__
 from zimage_server.api import account, public
 from zimage_server.api import tasks as task_routes
+from zimage_server.api import webhooks as webhook_routes
 from zimage_server.api.errors import install_error_handlers, internal_error_response
+from zimage_server.api.limits import BodySizeLimit
 from zimage_server.api.state import ServiceState
 from zimage_server.config import Settings
 from zimage_server.db.session import Database
 from zimage_server.engine import ModelChoice, resolve_model_source
+from zimage_server.limits import RateLimiter
 from zimage_server.storage import ImageStore
-from zimage_server.tasks import Renderer
+from zimage_server.tasks import Lifecycle, Renderer
+from zimage_server.webhooks import WebhookDispatcher
+from zimage_server.worker.queue import TaskQueue
 from zimage_server.worker.runner import Runner
 
 if TYPE_CHECKING:
@@ -49,13 +54,21 @@ def build_state(
 
     db = Database(settings.resolved_database_url)
     store = ImageStore(settings.images_dir, settings.signing_secret)
-    runner = Runner(db, store, settings, load_engine)
+    renderer = Renderer(store, settings)
+    lifecycle = Lifecycle(renderer, settings)
+    dispatcher = WebhookDispatcher(db, settings)
+    runner = Runner(
+        TaskQueue(db, lifecycle, settings), store, settings, load_engine, on_task_end=dispatcher.wake
+    )
     return ServiceState(
         settings=settings,
         db=db,
         store=store,
-        renderer=Renderer(store, settings),
+        renderer=renderer,
+        lifecycle=lifecycle,
         runner=runner,
+        webhooks=dispatcher,
+        rate_limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
         model_choice=choice,
     )
 
@@ -64,14 +77,19 @@ def create_app(state: ServiceState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.db.migrate()
-        requeued = state.runner.requeue_interrupted()
-        if requeued:
-            log.warning("re-queued %d task(s) left processing by an earlier run", requeued)
+        # This process's worker is the only one on this database: whatever is still processing was left
+        # by a crash, and goes back to the queue (or fails, refunded, once it used up its attempts).
+        orphans = state.runner.queue.expire_all_leases()
+        if orphans:
+            log.warning("%d task(s) were left processing by an earlier run; re-queueing them", orphans)
         state.runner.start()
+        state.webhooks.start()
         try:
             yield
         finally:
+            # SIGTERM lands here (uvicorn): stop taking tasks, hand the running one back, flush webhooks.
             state.runner.stop()
+            state.webhooks.stop(state.settings.shutdown_webhook_flush_seconds)
             state.db.dispose()
 
     app = FastAPI(
@@ -82,6 +100,7 @@ def create_app(state: ServiceState) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -98,5 +117,6 @@ def create_app(state: ServiceState) -> FastAPI:
 
     app.include_router(task_routes.router)
     app.include_router(account.router)
+    app.include_router(webhook_routes.router)
     app.include_router(public.router)
     return app

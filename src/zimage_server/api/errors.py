@@ -21,8 +21,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Malformed request"),
         (401, "Missing or invalid API key"),
         (402, "Not enough credits"),
+        (403, "Forbidden"),
         (404, "No such resource"),
+        (409, "Conflict (a reused Idempotency-Key, a finished task)"),
+        (413, "Request body too large"),
         (422, "Invalid parameters"),
+        (429, "Rate limited or too many queued tasks (see Retry-After)"),
+        (503, "Model not ready or queue full (see Retry-After)"),
     )
 }
 

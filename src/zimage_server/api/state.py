@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 
 from zimage_server.config import Settings
 from zimage_server.db.session import Database
+from zimage_server.limits import RateLimiter
 from zimage_server.storage import ImageStore
-from zimage_server.tasks import Renderer
+from zimage_server.tasks import Lifecycle, Renderer
+from zimage_server.webhooks import WebhookDispatcher
 from zimage_server.worker.runner import Runner
 
 if TYPE_CHECKING:
@@ -21,5 +23,8 @@ class ServiceState:
     db: Database
     store: ImageStore
     renderer: Renderer
+    lifecycle: Lifecycle
     runner: Runner
+    webhooks: WebhookDispatcher
+    rate_limiter: RateLimiter
     model_choice: ModelChoice

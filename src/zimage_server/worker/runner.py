@@ -12,14 +12,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
-
-from zimage_server import billing
 from zimage_server.config import Settings
-from zimage_server.db.models import Task, utcnow
-from zimage_server.db.session import Database
+from zimage_server.engine.spec import GenerationCancelled, GenerationSpec
 from zimage_server.storage import ImageStore
-from zimage_server.tasks import COMPLETED, FAILED, PENDING, PROCESSING
+from zimage_server.worker.queue import Checkpoint, ClaimedTask, TaskQueue
 
 if TYPE_CHECKING:
     from zimage_server.engine import ZImageEngine
@@ -65,18 +61,38 @@ class DurationEstimator:
         return rate * self.units(params) * max(0.0, 1.0 - fraction_done)
 
 
+class _Stop(Exception):
+    """The generation must end without a result: the server is stopping, or the task is not ours any more."""
+
+
+def spec_from_params(params: dict[str, Any]) -> GenerationSpec:
+    return GenerationSpec(
+        prompt=params["prompt"],
+        negative_prompt=params.get("negative_prompt"),
+        width=params["width"],
+        height=params["height"],
+        num_images=params["num_images"],
+        num_inference_steps=params["num_inference_steps"],
+        guidance_scale=params["guidance_scale"],
+        seed=params["seed"],
+    )
+
+
 class Runner:
     def __init__(
         self,
-        db: Database,
+        queue: TaskQueue,
         store: ImageStore,
         settings: Settings,
         load_engine: Callable[[], ZImageEngine],
+        *,
+        on_task_end: Callable[[], None] | None = None,
     ) -> None:
-        self._db = db
+        self.queue = queue
         self._store = store
         self._settings = settings
         self._load_engine = load_engine
+        self._on_task_end = on_task_end
         self.engine: ZImageEngine | None = None
         self.state = STARTING
         self.setup_error: str | None = None
@@ -102,16 +118,6 @@ class Runner:
             self._thread.join(timeout)
         self.state = STOPPED
 
-    def requeue_interrupted(self) -> int:
-        """Put back tasks a crashed process left half-done; they render again from the start."""
-        with self._db.session() as session:
-            result = session.execute(
-                update(Task)
-                .where(Task.status == PROCESSING)
-                .values(status=PENDING, started_at=None, progress_step=0, progress_total=0)
-            )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
     def _main(self) -> None:
         try:
             self.engine = self._load_engine()
@@ -122,61 +128,50 @@ class Runner:
             return
         self.state = READY
         while not self._stopping.is_set():
-            task_id = self._claim_next()
-            if task_id is None:
+            try:
+                claimed = self.queue.claim()
+            except Exception:  # a locked or unreachable database: wait and try again, never die
+                log.exception("claiming a task failed")
+                claimed = None
+            if claimed is None:
                 self._wake.wait(self._settings.worker_idle_poll_seconds)
                 self._wake.clear()
                 continue
-            self._run(task_id)
+            self._run(claimed)
+            if self._on_task_end is not None:
+                self._on_task_end()
 
-    def _claim_next(self) -> str | None:
-        with self._db.session() as session:
-            task_id = session.execute(
-                select(Task.id).where(Task.status == PENDING).order_by(Task.created_at, Task.id).limit(1)
-            ).scalar_one_or_none()
-            if task_id is None:
-                return None
-            claimed = session.execute(
-                update(Task)
-                .where(Task.id == task_id, Task.status == PENDING)
-                .values(status=PROCESSING, started_at=utcnow(), attempts=Task.attempts + 1)
-            )
-            return task_id if claimed.rowcount else None  # type: ignore[attr-defined]
+    def _heartbeat(self, task_id: str, done: threading.Event, lost: threading.Event) -> None:
+        # Steps renew the lease too; this covers the stretches without steps (VAE decode, encoding).
+        while not done.wait(self._settings.task_lease_seconds / 3):
+            try:
+                if not self.queue.heartbeat(task_id):
+                    lost.set()
+                    return
+            except Exception:
+                log.exception("heartbeat for %s failed", task_id)
 
-    def _run(self, task_id: str) -> None:
-        from zimage_server.engine import GenerationCancelled, GenerationSpec
-
+    def _run(self, claimed: ClaimedTask) -> None:
         assert self.engine is not None
-        with self._db.session() as session:
-            task = session.get(Task, task_id)
-            assert task is not None
-            params = dict(task.params)
-        spec = GenerationSpec(
-            prompt=params["prompt"],
-            negative_prompt=params.get("negative_prompt"),
-            width=params["width"],
-            height=params["height"],
-            num_images=params["num_images"],
-            num_inference_steps=params["num_inference_steps"],
-            guidance_scale=params["guidance_scale"],
-            seed=params["seed"],
-        )
+        task_id, params = claimed.id, claimed.params
+        spec = spec_from_params(params)
         started = time.monotonic()
         last_report = 0.0
+        done, lost = threading.Event(), threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(task_id, done, lost), daemon=True)
+        heartbeat.start()
 
         def on_step(step: int, total: int) -> bool:
             nonlocal last_report
             now = time.monotonic()
             # Progress is for humans watching; a write every quarter second is plenty.
-            if now - last_report > 0.25 or step == 1:
+            record = now - last_report > 0.25 or step == 1
+            if record:
                 last_report = now
-                with self._db.session() as progress_session:
-                    progress_session.execute(
-                        update(Task)
-                        .where(Task.id == task_id, Task.status == PROCESSING)
-                        .values(progress_step=step, progress_total=total)
-                    )
-            return not self._stopping.is_set()
+            verdict = self.queue.checkpoint(task_id, step, total, record_progress=record)
+            if verdict is Checkpoint.LOST or lost.is_set() or self._stopping.is_set():
+                raise _Stop
+            return verdict is Checkpoint.CONTINUE
 
         try:
             images = self.engine.generate(spec, on_step=on_step)
@@ -185,47 +180,40 @@ class Runner:
                 for index, image in enumerate(images)
             ]
         except GenerationCancelled:
-            self._release(task_id)
+            self.queue.end_cancelled(task_id)
+            self.tasks_failed += 1
+            return
+        except _Stop:
+            if self._stopping.is_set():
+                self.queue.release(task_id)
             return
         except Exception as exc:
             log.exception("task %s failed", task_id)
-            self._fail(task_id, _error_code(exc), f"image generation failed: {type(exc).__name__}: {exc}")
-            return
-        self.estimator.observe(params, time.monotonic() - started)
-        with self._db.session() as session:
-            task = session.get(Task, task_id)
-            assert task is not None
-            if task.status != PROCESSING:
-                return
-            task.status = COMPLETED
-            task.image_files = files
-            task.completed_at = utcnow()
-            task.progress_step = task.progress_total = spec.num_inference_steps
-            billing.settle(session, task)
-        self.tasks_completed += 1
-
-    def _release(self, task_id: str) -> None:
-        with self._db.session() as session:
-            session.execute(
-                update(Task)
-                .where(Task.id == task_id, Task.status == PROCESSING)
-                .values(status=PENDING, started_at=None, progress_step=0, progress_total=0)
+            self.queue.fail(
+                task_id, _error_code(exc), f"image generation failed: {type(exc).__name__}: {exc}"
             )
-
-    def _fail(self, task_id: str, code: str, message: str) -> None:
-        with self._db.session() as session:
-            task = session.get(Task, task_id)
-            if task is None or task.status in (COMPLETED, FAILED):
-                return
-            task.status = FAILED
-            task.error_code = code
-            task.error_message = message
-            task.completed_at = utcnow()
-            billing.refund(session, task, reason=message)
-        self.tasks_failed += 1
+            self.tasks_failed += 1
+            _free_accelerator_memory()
+            return
+        finally:
+            done.set()
+        self.estimator.observe(params, time.monotonic() - started)
+        if self.queue.complete(task_id, files):
+            self.tasks_completed += 1
 
 
 def _error_code(exc: Exception) -> str:
     if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
         return "out_of_memory"
     return "generation_failed"
+
+
+def _free_accelerator_memory() -> None:
+    """After an out-of-memory error the next task should start from a clean cache, not inherit the mess."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        log.debug("could not empty the CUDA cache", exc_info=True)
