@@ -143,3 +143,75 @@ def wait_terminal(http: httpx.Client, task_id: str, timeout: float = 120.0) -> d
             return body
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} not terminal after {timeout}s")
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+class WebhookReceiver:
+    """A real HTTP server on a loopback port that records what it receives and answers as told."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.received: list[Received] = []
+        # Each entry answers one request, in order: (status, headers, delay seconds); then 200s.
+        self.script: list[tuple[int, dict[str, str], float]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.received.append(Received(dict(self.headers.items()), body, time.monotonic()))
+                status, headers, delay = receiver.script.pop(0) if receiver.script else (200, {}, 0.0)
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up waiting: that is what the delay was for
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} webhook requests, got {len(self.received)}")
+            time.sleep(0.05)
+        return self.received
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    hook = WebhookReceiver()
+    yield hook
+    hook.close()
+
+
+# Settings for servers that deliver webhooks to a receiver on this machine, quickly.
+WEBHOOK_TEST_ENV = {
+    "ZIMAGE_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+    "ZIMAGE_WEBHOOK_BACKOFF_BASE_SECONDS": "0.3",
+    "ZIMAGE_WEBHOOK_MAX_ATTEMPTS": "4",
+    "ZIMAGE_WEBHOOK_TIMEOUT_SECONDS": "1.5",
+}
