@@ -331,3 +331,43 @@ def test_unknown_route_and_method_use_the_envelope(server: LiveServer, client: h
     wrong_method = client.delete("/v1/text_to_image")
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "猫🐈‍⬛ with emoji and ZWJ sequences 👩‍👩‍👧",
+        "مرحبا بالعالم right-to-left \u202e override",
+        "e\u0301\u0301\u0301 combining marks",
+        "\ufeffbyte order mark and \u200b zero width",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 outside the BMP",
+    ],
+)
+def test_unicode_prompts_round_trip(client: httpx.Client, prompt: str) -> None:
+    response = client.post("/v1/text_to_image", json={"prompt": prompt, **SMALL})
+    assert response.status_code == 200, response.text
+    assert client.get(f"/v1/tasks/{response.json()['id']}").json()["input"]["prompt"] == prompt
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "\\ud800 lone surrogate"}',
+        b'{"prompt": "x", "seed": 1e400}',
+        b'{"prompt": "x", "seed": 100000000000000000000000000000000000000}',
+        b'{"prompt": "x", "num_images": 1.5}',
+        b'{"prompt": "x", "guidance_scale": NaN}',
+        b'{"prompt": "x", "guidance_scale": "Infinity"}',
+        b'{"prompt": "x", "size": "16777216x16777216"}',
+        b'{"prompt": "x", "size": "99999999999999999999x16"}',
+        b'{"prompt": ["x"]}',
+        b'{"prompt": null}',
+        b'\xff\xfe not utf-8',
+        b"",
+    ],
+)
+def test_hostile_bodies_get_a_clean_4xx(client: httpx.Client, raw: bytes) -> None:
+    response = client.post("/v1/text_to_image", content=raw, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["code"]
+    assert client.get("/api/v1/me/balance").json()["balance_cents"] == 100

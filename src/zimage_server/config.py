@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # Price per generated image, in cents, by canonical model id.
     price_cents_per_image: dict[str, int] = Field(default_factory=lambda: {"z-image-turbo": 1})
 
-    max_prompt_chars: int = Field(default=1000, ge=1)
+    max_prompt_chars: int = Field(default=1000, ge=1, le=1000)
     min_image_side: int = Field(default=256, ge=16)
     max_image_side: int = Field(default=2048, ge=16)
     max_image_pixels: int = Field(default=2048 * 2048, ge=256)
@@ -70,10 +70,37 @@ class Settings(BaseSettings):
     # On shutdown, keep sending due webhooks for at most this long.
     shutdown_webhook_flush_seconds: float = Field(default=5.0, ge=0)
 
+    # OpenAI-compatible POST /v1/images/generations answers synchronously; it waits at most this long for
+    # its task (then answers 504 with the task id, which the client can keep polling on /v1/tasks/{id}).
+    openai_wait_seconds: float = Field(default=300.0, gt=0)
+
+    # Chat passthrough: POST /v1/chat/completions is forwarded to this OpenAI-compatible base URL
+    # (e.g. "http://gpu-box:8001/v1"), authenticated there with chat_upstream_api_key. Unset: no chat.
+    chat_upstream_url: str | None = None
+    chat_upstream_api_key: str | None = None
+    # Cents per million tokens, by "prompt" and "completion"; all zero means chat is recorded but free.
+    chat_price_cents_per_million_tokens: dict[str, int] = Field(
+        default_factory=lambda: {"prompt": 0, "completion": 0}
+    )
+    # How long a generation may go quiet before the upstream is given up on (long answers stream slowly).
+    chat_upstream_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Chat bodies carry whole conversations, far larger than an image request: their own, larger limit.
+    chat_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
     @field_validator("data_dir")
     @classmethod
     def _expand_data_dir(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("chat_price_cents_per_million_tokens")
+    @classmethod
+    def _check_chat_prices(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = set(value) - {"prompt", "completion"}
+        if unknown:
+            raise ValueError(f"unknown chat price keys {sorted(unknown)}; use 'prompt' and 'completion'")
+        if any(price < 0 for price in value.values()):
+            raise ValueError("chat prices must not be negative")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

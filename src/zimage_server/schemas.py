@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 AspectRatio = Literal["1:1", "4:3", "3:4", "16:9", "9:16"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 TaskStatus = Literal["pending", "processing", "completed", "failed"]
+# RunAPI's contract: prompts of 1 to 1000 code points. Settings may lower the bound, not raise it.
+MAX_PROMPT_CHARS = 1000
 
 
 class TextToImageRequest(BaseModel):
@@ -22,8 +24,14 @@ class TextToImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(default=None, description="`z-image` (RunAPI's name) or `z-image-turbo`.")
-    prompt: str = Field(description="What to draw, 1-1000 characters, Chinese or English.")
-    negative_prompt: str | None = Field(default=None, description="What to avoid (no effect at guidance 0).")
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="What to draw, 1-1000 characters (code points), Chinese or English.",
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="What to avoid (no effect at guidance 0)."
+    )
     aspect_ratio: AspectRatio | None = Field(default=None, description="Mapped to a size near one megapixel.")
     size: str | None = Field(
         default=None, description='"WIDTHxHEIGHT", both multiples of 16.', examples=["1024x1024"]
@@ -176,6 +184,16 @@ class ModelCard(BaseModel):
     served_weights: dict[str, Any]
 
 
+class UpstreamModelCard(BaseModel):
+    """A chat model of the configured upstream, passed through as the upstream describes it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: str = "model"
+    owned_by: str | None = None
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard | UpstreamModelCard]

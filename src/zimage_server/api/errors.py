@@ -24,6 +24,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (403, "Forbidden"),
         (404, "No such resource"),
         (409, "Conflict (a reused Idempotency-Key, a finished task)"),
+        (410, "Gone (an expired image URL)"),
         (413, "Request body too large"),
         (422, "Invalid parameters"),
         (429, "Rate limited or too many queued tasks (see Retry-After)"),

@@ -7,11 +7,13 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from zimage_server.api import chat
 from zimage_server.api.deps import State
+from zimage_server.api.errors import ERROR_RESPONSES
 from zimage_server.api.state import ServiceState
 from zimage_server.catalog import CATALOG
 from zimage_server.errors import ServiceUnavailable
-from zimage_server.schemas import ModelCard, ModelList
+from zimage_server.schemas import ModelCard, ModelList, UpstreamModelCard
 from zimage_server.worker.runner import READY, SETUP_FAILED
 
 router = APIRouter()
@@ -39,15 +41,21 @@ def served_weights(state: ServiceState) -> dict[str, Any]:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["Public"])
-def list_models(state: State) -> ModelList:
+async def list_models(state: State) -> ModelList:
     weights = served_weights(state)
-    return ModelList(
-        data=[
-            ModelCard(id=name, canonical_id=model.id, description=model.description, served_weights=weights)
-            for model in CATALOG
-            for name in (*model.aliases, model.id)
-        ]
-    )
+    ours: list[ModelCard | UpstreamModelCard] = [
+        ModelCard(id=name, canonical_id=model.id, description=model.description, served_weights=weights)
+        for model in CATALOG
+        for name in (*model.aliases, model.id)
+    ]
+    taken = {card.id for card in ours}
+    # With a chat upstream, its models are listed too: one catalog for one key.
+    theirs = [
+        UpstreamModelCard.model_validate(model)
+        for model in await chat.upstream_models(state.settings)
+        if model["id"] not in taken
+    ]
+    return ModelList(data=ours + theirs)
 
 
 @router.get("/healthz", tags=["Public"], summary="Liveness: the process answers")
@@ -70,7 +78,16 @@ def readyz(state: State) -> dict[str, Any]:
     )
 
 
-@router.get("/files/{task_id}/{name}", tags=["Public"], summary="An image, by signed URL")
+@router.get(
+    "/files/{task_id}/{name}",
+    tags=["Public"],
+    summary="An image, by signed URL",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image"},
+        **{status: ERROR_RESPONSES[status] for status in (403, 404, 410)},
+    },
+)
 def get_file(task_id: str, name: str, state: State, expires: str = "", signature: str = "") -> FileResponse:
     stored = state.store.open_signed(task_id, name, expires, signature)
     # Same URL, same bytes: let clients and proxies keep it until the signature expires.
