@@ -56,6 +56,12 @@ def test_keys_and_credits_on_a_data_directory(tmp_path: Path) -> None:
     assert shown["balance_cents"] == 320
     assert "alice" in zimage("credits", "show", "alice", "--data-dir", data)
 
+    secret = json.loads(zimage("keys", "webhook-secret", "alice", "--json", "--data-dir", data))["secret"]
+    assert secret.startswith("whsec_")
+    assert json.loads(zimage("keys", "webhook-secret", "alice", "--json", "--data-dir", data))["secret"] == secret
+    rotated = json.loads(zimage("keys", "webhook-secret", "alice", "--rotate", "--json", "--data-dir", data))
+    assert rotated["secret"] != secret
+
     missing = runner.invoke(app, ["credits", "show", "nobody", "--data-dir", data])
     assert missing.exit_code == 1
     assert "no account" in missing.output
