@@ -97,14 +97,15 @@ class ExplodingEngine:
     def __init__(self, fail_prompts: set[str]) -> None:
         self.fail_prompts = fail_prompts
 
-    def generate(self, spec: GenerationSpec, on_step: Any = None) -> list[Image.Image]:
-        if spec.prompt in self.fail_prompts:
+    def generate_batch(self, specs: list[GenerationSpec], on_step: Any = None) -> list[list[Image.Image]]:
+        if any(spec.prompt in self.fail_prompts for spec in specs):
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return [Image.new("RGB", (spec.width, spec.height), "white") for _ in range(spec.num_images)]
+        return [[Image.new("RGB", (spec.width, spec.height), "white")] * spec.num_images for spec in specs]
 
 
 def test_a_failing_task_is_refunded_and_the_worker_goes_on(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, worker_idle_poll_seconds=0.05)
+    # Batches of one, so the failing task does not take the good one down with it.
+    settings = Settings(data_dir=tmp_path, worker_idle_poll_seconds=0.05, max_batch_images=1)
     db = Database(settings.resolved_database_url)
     db.migrate()
     store = ImageStore(settings.images_dir, b"secret")
@@ -162,4 +163,30 @@ def test_the_shared_server_ledger_balances(server: LiveServer) -> None:
             break
         time.sleep(0.2)
     assert_ledger_balances(db)
+    db.dispose()
+
+
+def test_claim_batch_groups_tasks_of_one_shape_oldest_first(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    queue = TaskQueue(db, Lifecycle(Renderer(ImageStore(settings.images_dir, b"k"), settings), settings), settings)
+    with db.session() as session:
+        account = accounts.create_account(session, "a", credits=100)
+        principal = accounts.Principal(account.id, accounts.create_key(session, account, "k").key_id)
+
+        def add(size: str, images: int = 1) -> str:
+            request = TextToImageRequest(prompt="p", size=size, num_images=images)
+            return submit(session, principal, validate_request(request, settings), surface="t").id
+
+        small_1 = add("256x256")
+        large = add("512x512")
+        small_2 = add("256x256", images=2)
+        small_3 = add("256x256", images=2)
+    first = queue.claim_batch(max_images=4)
+    # The oldest, then the next of its shape that fits; the 512 task and the overflow wait.
+    assert [claimed.id for claimed in first] == [small_1, small_2]
+    assert [claimed.id for claimed in queue.claim_batch(max_images=4)] == [large]
+    assert [claimed.id for claimed in queue.claim_batch(max_images=4)] == [small_3]
+    assert queue.claim_batch(max_images=4) == []
     db.dispose()

@@ -153,3 +153,31 @@ def test_model_choice(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert "noise" in auto.reason
     with pytest.raises(ValueError, match=r"model_index\.json"):
         resolve_model_source(str(tmp_path), tmp_path)
+
+
+def test_prompt_cache_skips_the_text_encoder_for_repeated_prompts(engine: ZImageEngine) -> None:
+    calls: list[int] = []
+    hook = engine.pipeline.text_encoder.register_forward_pre_hook(
+        lambda _module, _args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        first = engine.encode_prompts(["cache me", "and me"])
+        second = engine.encode_prompts(["and me", "cache me", "and me", "new one"])
+    finally:
+        hook.remove()
+    # The second call encodes only the prompt it has not seen, alone.
+    assert calls == [2, 1]
+    assert second[1] is first[0]
+    assert second[0] is first[1]
+
+
+def test_a_batch_of_tasks_renders_each_as_it_would_alone(engine: ZImageEngine) -> None:
+    specs = [spec(prompt="a red fox", seed=1), spec(prompt="一只猫", seed=2, num_images=2)]
+    batched = engine.generate_batch(specs)
+    assert [len(images) for images in batched] == [1, 2]
+    alone = [engine.generate(one) for one in specs]
+    for batch_images, single_images in zip(batched, alone, strict=True):
+        for batch_image, single_image in zip(batch_images, single_images, strict=True):
+            assert max_pixel_difference(batch_image, single_image) <= 2
+    with pytest.raises(ValueError, match="share"):
+        engine.generate_batch([spec(width=256), spec(width=512)])

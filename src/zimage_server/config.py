@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,15 @@ class Settings(BaseSettings):
 
     # How often the worker looks for work when nobody woke it (a submit wakes it at once).
     worker_idle_poll_seconds: float = Field(default=1.0, gt=0)
+    # Engine: images per denoising batch (tasks of one size and step count share a batch), attention
+    # backend ("auto" or a diffusers backend name), regional compile ("auto" = on CUDA), and memory mode
+    # ("low" offloads idle components to the CPU for 16 GB cards).
+    max_batch_images: int = Field(default=4, ge=1)
+    attention_backend: str = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    memory: Literal["normal", "low"] = "normal"
+    prompt_cache_size: int = Field(default=256, ge=0)
+
     # A worker holds the task it runs for this long and renews the lease every third of it; a task whose
     # lease ran out belongs to a dead worker and is run again, at most max_task_attempts times in all.
     task_lease_seconds: float = Field(default=30.0, gt=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_HUB_ID = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -62,3 +63,22 @@ class GenerationCancelled(Exception):
         super().__init__(f"generation cancelled after step {step} of {total}")
         self.step = step
         self.total = total
+
+
+def spec_from_params(params: dict[str, Any]) -> GenerationSpec:
+    """The engine's view of a task's stored, validated parameters."""
+    return GenerationSpec(
+        prompt=params["prompt"],
+        negative_prompt=params.get("negative_prompt"),
+        width=params["width"],
+        height=params["height"],
+        num_images=params["num_images"],
+        num_inference_steps=params["num_inference_steps"],
+        guidance_scale=params["guidance_scale"],
+        seed=params["seed"],
+    )
+
+
+def batch_key(spec: GenerationSpec) -> tuple[int, int, int, float]:
+    """Specs with equal keys can share one denoising batch."""
+    return (spec.width, spec.height, spec.num_inference_steps, spec.guidance_scale)

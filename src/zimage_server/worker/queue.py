@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from zimage_server.config import Settings
 from zimage_server.db.models import Task, utcnow
 from zimage_server.db.session import Database
+from zimage_server.engine.spec import batch_key, spec_from_params
 from zimage_server.tasks import PENDING, PROCESSING, Lifecycle
 
 LOST_CODE = "worker_lost"
@@ -84,29 +85,56 @@ class TaskQueue:
                     task.progress_step = task.progress_total = 0
 
     def claim(self) -> ClaimedTask | None:
+        batch = self.claim_batch(max_images=1)
+        return batch[0] if batch else None
+
+    def claim_batch(self, max_images: int) -> list[ClaimedTask]:
+        """The oldest pending task, plus younger ones of the same shape, up to ``max_images`` images in all.
+
+        Tasks of one size, step count and guidance share a denoising batch; a task of another shape waits
+        at most one batch longer than strict arrival order would make it.
+        """
         self.reclaim_expired()
         with self._db.session() as session:
-            task_id = session.execute(
-                select(Task.id).where(Task.status == PENDING).order_by(Task.created_at, Task.id).limit(1)
+            oldest = session.execute(
+                select(Task).where(Task.status == PENDING).order_by(Task.created_at, Task.id).limit(1)
             ).scalar_one_or_none()
-            if task_id is None:
-                return None
-            claimed = session.execute(
-                update(Task)
-                .where(Task.id == task_id, Task.status == PENDING)
-                .values(
-                    status=PROCESSING,
-                    started_at=utcnow(),
-                    attempts=Task.attempts + 1,
-                    lease_owner=self.worker_id,
-                    lease_expires_at=self._lease_end(),
+            if oldest is None:
+                return []
+            chosen = [oldest]
+            shape = batch_key(spec_from_params(oldest.params))
+            images = int(oldest.params["num_images"])
+            if images < max_images:
+                candidates = session.execute(
+                    select(Task)
+                    .where(Task.status == PENDING, Task.id != oldest.id)
+                    .order_by(Task.created_at, Task.id)
+                    .limit(64)
+                ).scalars()
+                for task in candidates:
+                    if (
+                        batch_key(spec_from_params(task.params)) == shape
+                        and images + task.params["num_images"] <= max_images
+                    ):
+                        chosen.append(task)
+                        images += int(task.params["num_images"])
+            claimed: list[ClaimedTask] = []
+            for task in chosen:
+                result = session.execute(
+                    update(Task)
+                    .where(Task.id == task.id, Task.status == PENDING)
+                    .values(
+                        status=PROCESSING,
+                        started_at=utcnow(),
+                        attempts=Task.attempts + 1,
+                        lease_owner=self.worker_id,
+                        lease_expires_at=self._lease_end(),
+                    )
                 )
-            )
-            if not claimed.rowcount:  # type: ignore[attr-defined]
-                return None
-            task = session.get(Task, task_id)
-            assert task is not None
-            return ClaimedTask(task.id, dict(task.params), task.attempts)
+                if result.rowcount:  # type: ignore[attr-defined]
+                    session.refresh(task)
+                    claimed.append(ClaimedTask(task.id, dict(task.params), task.attempts))
+            return claimed
 
     def heartbeat(self, task_id: str) -> bool:
         """Renew the lease; False when the task is no longer ours to run."""
@@ -117,16 +145,26 @@ class TaskQueue:
             return bool(renewed.rowcount)  # type: ignore[attr-defined]
 
     def checkpoint(self, task_id: str, step: int, total: int, *, record_progress: bool) -> Checkpoint:
-        """Between denoising steps: renew the lease, maybe record progress, and say whether to go on."""
+        return self.checkpoint_many([task_id], step, total, record_progress=record_progress)[task_id]
+
+    def checkpoint_many(
+        self, task_ids: list[str], step: int, total: int, *, record_progress: bool
+    ) -> dict[str, Checkpoint]:
+        """Between denoising steps, in one transaction: renew the leases, maybe record progress, and say
+        for each task whether to go on."""
+        verdicts: dict[str, Checkpoint] = {}
         with self._db.session() as session:
             values: dict[str, Any] = {"lease_expires_at": self._lease_end()}
             if record_progress:
                 values.update(progress_step=step, progress_total=total)
-            renewed = session.execute(update(Task).where(self._ours(task_id)).values(**values))
-            if not renewed.rowcount:  # type: ignore[attr-defined]
-                return Checkpoint.LOST
-            cancel = session.execute(select(Task.cancel_requested).where(Task.id == task_id)).scalar_one()
-            return Checkpoint.CANCEL if cancel else Checkpoint.CONTINUE
+            for task_id in task_ids:
+                renewed = session.execute(update(Task).where(self._ours(task_id)).values(**values))
+                if not renewed.rowcount:  # type: ignore[attr-defined]
+                    verdicts[task_id] = Checkpoint.LOST
+                    continue
+                cancel = session.execute(select(Task.cancel_requested).where(Task.id == task_id)).scalar_one()
+                verdicts[task_id] = Checkpoint.CANCEL if cancel else Checkpoint.CONTINUE
+        return verdicts
 
     def _owned_task(self, session: Any, task_id: str) -> Task | None:
         return session.execute(select(Task).where(self._ours(task_id))).scalar_one_or_none()  # type: ignore[no-any-return]

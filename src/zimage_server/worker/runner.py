@@ -10,14 +10,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from zimage_server.config import Settings
-from zimage_server.engine.spec import GenerationCancelled, GenerationSpec
+from zimage_server.engine.spec import GenerationCancelled, spec_from_params
 from zimage_server.storage import ImageStore
 from zimage_server.worker.queue import Checkpoint, ClaimedTask, TaskQueue
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from zimage_server.engine import ZImageEngine
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,8 @@ class DurationEstimator:
             params["width"] * params["height"] * params["num_inference_steps"] * params["num_images"]
         )
 
-    def observe(self, params: dict[str, Any], seconds: float) -> None:
-        rate = seconds / max(1.0, self.units(params))
+    def observe(self, units: float, seconds: float) -> None:
+        rate = seconds / max(1.0, units)
         with self._lock:
             previous = self._seconds_per_unit
             self._seconds_per_unit = (
@@ -62,20 +65,7 @@ class DurationEstimator:
 
 
 class _Stop(Exception):
-    """The generation must end without a result: the server is stopping, or the task is not ours any more."""
-
-
-def spec_from_params(params: dict[str, Any]) -> GenerationSpec:
-    return GenerationSpec(
-        prompt=params["prompt"],
-        negative_prompt=params.get("negative_prompt"),
-        width=params["width"],
-        height=params["height"],
-        num_images=params["num_images"],
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        seed=params["seed"],
-    )
+    """The generation must end without a result: the server is stopping, or a task is not ours any more."""
 
 
 class Runner:
@@ -100,6 +90,8 @@ class Runner:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Encoding and saving images happens here, while the GPU already denoises the next batch.
+        self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zimage-encode")
         self.tasks_completed = 0
         self.tasks_failed = 0
 
@@ -111,11 +103,13 @@ class Runner:
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking tasks; a task in flight stops at its next step and goes back to the queue."""
+        """Stop taking tasks; a batch in flight stops at its next step and goes back to the queue."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        # Rendered images still being encoded are finished and delivered, not thrown away.
+        self._finisher.shutdown(wait=True)
         self.state = STOPPED
 
     def _main(self) -> None:
@@ -129,37 +123,34 @@ class Runner:
         self.state = READY
         while not self._stopping.is_set():
             try:
-                claimed = self.queue.claim()
+                batch = self.queue.claim_batch(self._settings.max_batch_images)
             except Exception:  # a locked or unreachable database: wait and try again, never die
-                log.exception("claiming a task failed")
-                claimed = None
-            if claimed is None:
+                log.exception("claiming tasks failed")
+                batch = []
+            if not batch:
                 self._wake.wait(self._settings.worker_idle_poll_seconds)
                 self._wake.clear()
                 continue
-            self._run(claimed)
-            if self._on_task_end is not None:
-                self._on_task_end()
+            self._run(batch)
 
-    def _heartbeat(self, task_id: str, done: threading.Event, lost: threading.Event) -> None:
-        # Steps renew the lease too; this covers the stretches without steps (VAE decode, encoding).
+    def _heartbeat(self, active: set[str], done: threading.Event, lost: threading.Event) -> None:
+        # Steps renew the leases too; this covers the stretches without steps (VAE decode, encoding).
         while not done.wait(self._settings.task_lease_seconds / 3):
-            try:
-                if not self.queue.heartbeat(task_id):
-                    lost.set()
-                    return
-            except Exception:
-                log.exception("heartbeat for %s failed", task_id)
+            for task_id in list(active):
+                try:
+                    if not self.queue.heartbeat(task_id):
+                        lost.set()
+                except Exception:
+                    log.exception("heartbeat for %s failed", task_id)
 
-    def _run(self, claimed: ClaimedTask) -> None:
+    def _run(self, batch: list[ClaimedTask]) -> None:
         assert self.engine is not None
-        task_id, params = claimed.id, claimed.params
-        spec = spec_from_params(params)
+        specs = {claimed.id: spec_from_params(claimed.params) for claimed in batch}
+        active = set(specs)
         started = time.monotonic()
         last_report = 0.0
         done, lost = threading.Event(), threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(task_id, done, lost), daemon=True)
-        heartbeat.start()
+        threading.Thread(target=self._heartbeat, args=(active, done, lost), daemon=True).start()
 
         def on_step(step: int, total: int) -> bool:
             nonlocal last_report
@@ -168,38 +159,76 @@ class Runner:
             record = now - last_report > 0.25 or step == 1
             if record:
                 last_report = now
-            verdict = self.queue.checkpoint(task_id, step, total, record_progress=record)
-            if verdict is Checkpoint.LOST or lost.is_set() or self._stopping.is_set():
+            verdicts = self.queue.checkpoint_many(sorted(active), step, total, record_progress=record)
+            if Checkpoint.LOST in verdicts.values() or lost.is_set() or self._stopping.is_set():
                 raise _Stop
-            return verdict is Checkpoint.CONTINUE
+            for task_id, verdict in verdicts.items():
+                if verdict is Checkpoint.CANCEL:
+                    # Refunded and reported now; its images, if the batch goes on, are dropped.
+                    self.queue.end_cancelled(task_id)
+                    active.discard(task_id)
+                    self.tasks_failed += 1
+            return bool(active)
 
         try:
-            images = self.engine.generate(spec, on_step=on_step)
-            files = [
-                self._store.save(task_id, index, image, params["output_format"])
-                for index, image in enumerate(images)
-            ]
+            images = self.engine.generate_batch(list(specs.values()), on_step=on_step)
         except GenerationCancelled:
-            self.queue.end_cancelled(task_id)
-            self.tasks_failed += 1
+            done.set()
+            self._notify()
             return
         except _Stop:
+            done.set()
             if self._stopping.is_set():
-                self.queue.release(task_id)
+                for task_id in active:
+                    self.queue.release(task_id)
             return
         except Exception as exc:
-            log.exception("task %s failed", task_id)
-            self.queue.fail(
-                task_id, _error_code(exc), f"image generation failed: {type(exc).__name__}: {exc}"
-            )
-            self.tasks_failed += 1
+            done.set()
+            log.exception("batch %s failed", sorted(active))
+            for task_id in active:
+                self.queue.fail(
+                    task_id, _error_code(exc), f"image generation failed: {type(exc).__name__}: {exc}"
+                )
+                self.tasks_failed += 1
             _free_accelerator_memory()
+            self._notify()
             return
+        self.estimator.observe(
+            sum(DurationEstimator.units(claimed.params) for claimed in batch), time.monotonic() - started
+        )
+        results = {
+            task_id: task_images
+            for task_id, task_images in zip(specs, images, strict=True)
+            if task_id in active
+        }
+        self._finisher.submit(self._finish, batch, results, done)
+
+    def _finish(
+        self, batch: list[ClaimedTask], results: dict[str, list[Image]], done: threading.Event
+    ) -> None:
+        try:
+            for claimed in batch:
+                if claimed.id not in results:
+                    continue
+                try:
+                    files = [
+                        self._store.save(claimed.id, index, image, claimed.params["output_format"])
+                        for index, image in enumerate(results[claimed.id])
+                    ]
+                except Exception as exc:
+                    log.exception("saving the images of %s failed", claimed.id)
+                    self.queue.fail(claimed.id, "storage_failed", f"saving the images failed: {exc}")
+                    self.tasks_failed += 1
+                    continue
+                if self.queue.complete(claimed.id, files):
+                    self.tasks_completed += 1
         finally:
             done.set()
-        self.estimator.observe(params, time.monotonic() - started)
-        if self.queue.complete(task_id, files):
-            self.tasks_completed += 1
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._on_task_end is not None:
+            self._on_task_end()
 
 
 def _error_code(exc: Exception) -> str:
