@@ -36,7 +36,7 @@ _TRAINING_TEXT = [
 ]
 
 
-def _build_tokenizer() -> Any:
+def build_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,7 +73,7 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     text_encoder = Qwen3Model(
         Qwen3Config(
             vocab_size=len(tokenizer),
