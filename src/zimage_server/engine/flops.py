@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from zimage_server.engine.full_size import allocate_on
+
 
 @dataclass(frozen=True)
 class GenerationFlops:
@@ -45,17 +47,14 @@ def count_generation_flops(
     """FLOPs of ``images`` images of one prompt; ``configs`` holds the transformer, text_encoder and vae
     configs (as their modules' ``.config`` or the published JSON)."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import Qwen3Config, Qwen3Model
 
     meta = torch.device("meta")
     dtype = torch.bfloat16
-    # Casting meta modules draws a warning about float32-kept modules that does not apply to counting.
-    diffusers_logging.set_verbosity_error()
-    with meta:
-        transformer = ZImageTransformer2DModel(**_init_args(configs["transformer"])).to(dtype)
-        text_encoder = Qwen3Model(Qwen3Config(**_init_args(configs["text_encoder"]))).to(dtype)
-        vae = AutoencoderKL(**_init_args(configs["vae"])).to(dtype)
+    with allocate_on(meta, dtype):
+        transformer = ZImageTransformer2DModel(**_init_args(configs["transformer"]))
+        text_encoder = Qwen3Model(Qwen3Config(**_init_args(configs["text_encoder"])))
+        vae = AutoencoderKL(**_init_args(configs["vae"]))
 
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_h, latent_w = height // scale, width // scale

@@ -26,7 +26,7 @@ def published_config(component: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _allocate_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+def allocate_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -41,11 +41,12 @@ def build_components(device: torch.device, dtype: torch.dtype) -> dict[str, Any]
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    with _allocate_on(device, dtype):
+    with allocate_on(device, dtype):
         transformer = ZImageTransformer2DModel(**published_config("transformer"))
         text_encoder = Qwen3Model(Qwen3Config(**published_config("text_encoder")))
         vae = AutoencoderKL(**published_config("vae"))
-    for module in (transformer, text_encoder, vae):
+    modules: tuple[Any, ...] = (transformer, text_encoder, vae)
+    for module in modules:
         module.eval().requires_grad_(False)
     return {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
 
