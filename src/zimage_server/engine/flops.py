@@ -52,9 +52,9 @@ def count_generation_flops(
     meta = torch.device("meta")
     dtype = torch.bfloat16
     with allocate_on(meta, dtype):
-        transformer = ZImageTransformer2DModel(**_init_args(configs["transformer"]))
+        transformer: Any = ZImageTransformer2DModel(**_init_args(configs["transformer"]))
         text_encoder = Qwen3Model(Qwen3Config(**_init_args(configs["text_encoder"])))
-        vae = AutoencoderKL(**_init_args(configs["vae"]))
+        vae: Any = AutoencoderKL(**_init_args(configs["vae"]))
 
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_h, latent_w = height // scale, width // scale
