@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from zimage_server.api.waiting import CompletionSignal
 from zimage_server.config import Settings
 from zimage_server.db.session import Database
 from zimage_server.limits import RateLimiter
@@ -28,3 +29,4 @@ class ServiceState:
     webhooks: WebhookDispatcher
     rate_limiter: RateLimiter
     model_choice: ModelChoice
+    completion: CompletionSignal

@@ -5,16 +5,21 @@ One task store sits behind both, so a task created on one surface can be read on
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from zimage_server import tasks
 from zimage_server.accounts import Principal
 from zimage_server.api.deps import BaseUrl, CurrentPrincipal, State
 from zimage_server.api.errors import ERROR_RESPONSES
 from zimage_server.api.state import ServiceState
+from zimage_server.api.waiting import requested_wait, wait_for_task, watch_task
 from zimage_server.db.models import Task
 from zimage_server.errors import BadRequest, Conflict, ServiceUnavailable
 from zimage_server.schemas import TaskOut, TextToImageRequest
@@ -29,6 +34,12 @@ IdempotencyKeyHeader = Annotated[
     Header(
         alias="Idempotency-Key",
         description="Retry-safe creation: the same key and body return the original task (for 24 hours).",
+    ),
+]
+PreferHeader = Annotated[
+    str | None,
+    Header(
+        description="`wait=N` (RFC 7240): answer once the task is terminal or after N seconds (at most 60).",
     ),
 ]
 _TASK_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"model": TaskOut}, **ERROR_RESPONSES}
@@ -51,14 +62,18 @@ def _task_response(
     return JSONResponse(body, headers=headers)
 
 
-def _create(
+def create_task(
     state: ServiceState,
     principal: Principal,
     request: TextToImageRequest,
-    base_url: str,
     surface: str,
     idempotency_key: str | None,
-) -> JSONResponse:
+) -> tuple[Task, int | None, bool]:
+    """Validate, bound, bill and store a new task, or find the one this Idempotency-Key created.
+
+    Returns the task (detached from its session), its queue position and whether it is a replay.
+    Every surface that creates work comes through here.
+    """
     validated = tasks.validate_request(request, state.settings)
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 512:
         raise BadRequest("Idempotency-Key must be 1 to 512 characters", code="invalid_idempotency_key")
@@ -69,22 +84,47 @@ def _create(
         )
     fingerprint = tasks.request_fingerprint(surface, request.model_dump(mode="json", exclude_unset=True))
     with state.db.session() as session:
+        replayed = False
+        task: Task | None = None
         if idempotency_key is not None:
-            original = tasks.find_replay(
+            task = tasks.find_replay(
                 session, principal.account_id, idempotency_key, fingerprint, state.settings
             )
-            if original is not None:
-                response = _task_response(state, original, tasks.queue_position(session, original), base_url)
-                response.headers["Idempotent-Replayed"] = "true"
-                return response
-        # Replays above are free; only new work counts against the rate limit and the queue bounds.
-        state.rate_limiter.acquire(principal.api_key_id)
-        tasks.check_queue_bounds(session, principal.account_id, state.settings)
-        task = tasks.submit(session, principal, validated, surface=surface)
-        if idempotency_key is not None:
-            tasks.remember_key(session, principal.account_id, idempotency_key, fingerprint, task)
-        response = _task_response(state, task, tasks.queue_position(session, task), base_url)
-    state.runner.wake()
+            replayed = task is not None
+        if task is None:
+            # Replays are free; only new work counts against the rate limit and the queue bounds.
+            state.rate_limiter.acquire(principal.api_key_id)
+            tasks.check_queue_bounds(session, principal.account_id, state.settings)
+            task = tasks.submit(session, principal, validated, surface=surface)
+            if idempotency_key is not None:
+                tasks.remember_key(session, principal.account_id, idempotency_key, fingerprint, task)
+        position = tasks.queue_position(session, task) if task.status == tasks.PENDING else None
+        session.expunge(task)
+    if not replayed:
+        state.runner.wake()
+    return task, position, replayed
+
+
+async def _create(
+    state: ServiceState,
+    principal: Principal,
+    request: TextToImageRequest,
+    base_url: str,
+    surface: str,
+    idempotency_key: str | None,
+    prefer: str | None,
+) -> JSONResponse:
+    task, position, replayed = await asyncio.to_thread(
+        create_task, state, principal, request, surface, idempotency_key
+    )
+    wait = requested_wait(prefer, state.settings.max_prefer_wait_seconds)
+    if wait is not None:
+        task, position = await wait_for_task(state, principal, task.id, wait)
+    response = _task_response(state, task, position, base_url)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    if wait is not None:
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
     return response
 
 
@@ -99,14 +139,66 @@ def _cancel(state: ServiceState, principal: Principal, task_id: str, base_url: s
         session.flush()
         response = _task_response(state, task, None, base_url)
     state.webhooks.wake()
+    state.completion.notify()
     return response
 
 
-def _read(state: ServiceState, principal: Principal, task_id: str, base_url: str) -> JSONResponse:
-    with state.db.session() as session:
-        task = tasks.get_owned(session, principal, task_id)
-        position = tasks.queue_position(session, task) if task.status == tasks.PENDING else None
-        return _task_response(state, task, position, base_url)
+async def _read(
+    state: ServiceState, principal: Principal, task_id: str, base_url: str, prefer: str | None
+) -> JSONResponse:
+    wait = requested_wait(prefer, state.settings.max_prefer_wait_seconds)
+    task, position = await wait_for_task(state, principal, task_id, wait or 0.0)
+    response = _task_response(state, task, position, base_url)
+    if wait is not None:
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
+    return response
+
+
+async def _events(
+    state: ServiceState, principal: Principal, task_id: str, base_url: str, request: Request
+) -> StreamingResponse:
+    task, position = await wait_for_task(state, principal, task_id, 0.0)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        current, current_position = task, position
+        last: tuple[object, ...] | None = None
+        quiet_since = time.monotonic()
+        while True:
+            snapshot = (current.status, current_position, current.progress_step)
+            if snapshot != last:
+                last = snapshot
+                quiet_since = time.monotonic()
+                yield _sse_event(state, current, current_position, base_url)
+                if current.status not in tasks.ACTIVE_STATUSES:
+                    return
+            elif time.monotonic() - quiet_since > 15:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"  # proxies close connections that stay silent
+            if await request.is_disconnected():
+                return
+            current, current_position = await watch_task(state, principal, task_id)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-RunAPI-Task-Id": task_id},
+    )
+
+
+def _sse_event(state: ServiceState, task: Task, position: int | None, base_url: str) -> str:
+    if task.status == tasks.PENDING:
+        name, data = "queued", {"id": task.id, "status": task.status, "queue_position": position}
+    elif task.status == tasks.PROCESSING:
+        name = "progress"
+        data = {
+            "id": task.id,
+            "status": task.status,
+            "step": task.progress_step,
+            "total": task.progress_total,
+        }
+    else:
+        name, data = task.status, state.renderer.render(task, base_url)
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 @router.post(
@@ -115,14 +207,15 @@ def _read(state: ServiceState, principal: Principal, task_id: str, base_url: str
     summary="Create a Z-Image text-to-image task",
     responses=_TASK_RESPONSES,
 )
-def create_runapi_task(
+async def create_runapi_task(
     request: TextToImageRequest,
     state: State,
     principal: CurrentPrincipal,
     base_url: BaseUrl,
     idempotency_key: IdempotencyKeyHeader = None,
+    prefer: PreferHeader = None,
 ) -> JSONResponse:
-    return _create(state, principal, request, base_url, RUNAPI_SURFACE, idempotency_key)
+    return await _create(state, principal, request, base_url, RUNAPI_SURFACE, idempotency_key, prefer)
 
 
 @router.get(
@@ -131,10 +224,10 @@ def create_runapi_task(
     summary="Get a text-to-image task",
     responses=_TASK_RESPONSES,
 )
-def get_runapi_task(
-    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl
+async def get_runapi_task(
+    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl, prefer: PreferHeader = None
 ) -> JSONResponse:
-    return _read(state, principal, task_id, base_url)
+    return await _read(state, principal, task_id, base_url, prefer)
 
 
 @router.post(
@@ -143,21 +236,54 @@ def get_runapi_task(
     summary="Create a text-to-image task (answers {task_id, id, status, model})",
     responses=_TASK_RESPONSES,
 )
-def create_generic_task(
+async def create_generic_task(
     request: TextToImageRequest,
     state: State,
     principal: CurrentPrincipal,
     base_url: BaseUrl,
     idempotency_key: IdempotencyKeyHeader = None,
+    prefer: PreferHeader = None,
 ) -> JSONResponse:
-    return _create(state, principal, request, base_url, GENERIC_SURFACE, idempotency_key)
+    return await _create(state, principal, request, base_url, GENERIC_SURFACE, idempotency_key, prefer)
 
 
 @router.get("/v1/tasks/{task_id}", tags=["Generic surface"], summary="Get a task", responses=_TASK_RESPONSES)
-def get_generic_task(
-    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl
+async def get_generic_task(
+    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl, prefer: PreferHeader = None
 ) -> JSONResponse:
-    return _read(state, principal, task_id, base_url)
+    return await _read(state, principal, task_id, base_url, prefer)
+
+
+_EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "queued, progress, then completed or failed"},
+    **ERROR_RESPONSES,
+}
+
+
+@router.get(
+    "/v1/tasks/{task_id}/events",
+    tags=["Generic surface"],
+    summary="Server-sent events: queue position, step i/N, then the completed task with its URLs",
+    response_class=StreamingResponse,
+    responses=_EVENTS_RESPONSES,
+)
+async def task_events(
+    task_id: str, request: Request, state: State, principal: CurrentPrincipal, base_url: BaseUrl
+) -> StreamingResponse:
+    return await _events(state, principal, task_id, base_url, request)
+
+
+@router.get(
+    "/api/v1/z_image/text_to_image/{task_id}/events",
+    tags=["RunAPI surface"],
+    summary="Server-sent events for a text-to-image task",
+    response_class=StreamingResponse,
+    responses=_EVENTS_RESPONSES,
+)
+async def runapi_task_events(
+    task_id: str, request: Request, state: State, principal: CurrentPrincipal, base_url: BaseUrl
+) -> StreamingResponse:
+    return await _events(state, principal, task_id, base_url, request)
 
 
 @router.post(
