@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     max_pending_tasks_per_account: int = Field(default=100, ge=1)
     max_pending_tasks_total: int = Field(default=1000, ge=1)
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=3600)
+    # Longest a request may hold with `Prefer: wait=N` before answering with the task as it is.
+    max_prefer_wait_seconds: float = Field(default=60.0, ge=0)
 
     # Webhooks: each attempt times out; failures retry with exponential backoff and jitter for hours.
     webhook_timeout_seconds: float = Field(default=15.0, gt=0)
