@@ -362,7 +362,7 @@ def test_unicode_prompts_round_trip(client: httpx.Client, prompt: str) -> None:
         b'{"prompt": "x", "size": "99999999999999999999x16"}',
         b'{"prompt": ["x"]}',
         b'{"prompt": null}',
-        b'\xff\xfe not utf-8',
+        b"\xff\xfe not utf-8",
         b"",
     ],
 )

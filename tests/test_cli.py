@@ -58,7 +58,10 @@ def test_keys_and_credits_on_a_data_directory(tmp_path: Path) -> None:
 
     secret = json.loads(zimage("keys", "webhook-secret", "alice", "--json", "--data-dir", data))["secret"]
     assert secret.startswith("whsec_")
-    assert json.loads(zimage("keys", "webhook-secret", "alice", "--json", "--data-dir", data))["secret"] == secret
+    assert (
+        json.loads(zimage("keys", "webhook-secret", "alice", "--json", "--data-dir", data))["secret"]
+        == secret
+    )
     rotated = json.loads(zimage("keys", "webhook-secret", "alice", "--rotate", "--json", "--data-dir", data))
     assert rotated["secret"] != secret
 

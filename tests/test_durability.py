@@ -170,7 +170,9 @@ def test_claim_batch_groups_tasks_of_one_shape_oldest_first(tmp_path: Path) -> N
     settings = Settings(data_dir=tmp_path)
     db = Database(settings.resolved_database_url)
     db.migrate()
-    queue = TaskQueue(db, Lifecycle(Renderer(ImageStore(settings.images_dir, b"k"), settings), settings), settings)
+    queue = TaskQueue(
+        db, Lifecycle(Renderer(ImageStore(settings.images_dir, b"k"), settings), settings), settings
+    )
     with db.session() as session:
         account = accounts.create_account(session, "a", credits=100)
         principal = accounts.Principal(account.id, accounts.create_key(session, account, "k").key_id)

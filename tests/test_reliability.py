@@ -77,7 +77,9 @@ def test_concurrent_requests_with_one_key_create_one_task(client: httpx.Client) 
 
     def post() -> None:
         barrier.wait()
-        response = client.post("/v1/text_to_image", json={"prompt": "race", **SMALL}, headers={"Idempotency-Key": "race-1"})
+        response = client.post(
+            "/v1/text_to_image", json={"prompt": "race", **SMALL}, headers={"Idempotency-Key": "race-1"}
+        )
         assert response.status_code == 200, response.text
         results.append(response.json()["id"])
 
@@ -93,7 +95,9 @@ def test_concurrent_requests_with_one_key_create_one_task(client: httpx.Client) 
 
 
 def test_idempotency_key_length_is_bounded(client: httpx.Client) -> None:
-    response = client.post("/v1/text_to_image", json={"prompt": "x", **SMALL}, headers={"Idempotency-Key": "k" * 513})
+    response = client.post(
+        "/v1/text_to_image", json={"prompt": "x", **SMALL}, headers={"Idempotency-Key": "k" * 513}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_idempotency_key"
 
@@ -111,7 +115,9 @@ def test_the_official_sdk_retries_safely_with_a_key(server: LiveServer, api_key:
 
 
 def test_cancel_a_pending_task_refunds_at_once(client: httpx.Client) -> None:
-    blocker = client.post("/v1/text_to_image", json={"prompt": "blocker", "size": "1024x1024", "num_inference_steps": 12}).json()["id"]
+    blocker = client.post(
+        "/v1/text_to_image", json={"prompt": "blocker", "size": "1024x1024", "num_inference_steps": 12}
+    ).json()["id"]
     waiting = client.post("/api/v1/z_image/text_to_image", json={"prompt": "waiting", **SMALL}).json()["id"]
     cancelled = client.post(f"/api/v1/z_image/text_to_image/{waiting}/cancel")
     assert cancelled.status_code == 200
@@ -145,7 +151,9 @@ def test_cancel_a_processing_task_stops_it_at_the_next_step(client: httpx.Client
 def test_cancel_someone_elses_task_is_a_404(server: LiveServer, client: httpx.Client) -> None:
     task_id = client.post("/v1/text_to_image", json={"prompt": "mine", **SMALL}).json()["id"]
     other = server.create_key("canceller")
-    response = httpx.post(f"{server.base_url}/v1/tasks/{task_id}/cancel", headers={"Authorization": f"Bearer {other}"})
+    response = httpx.post(
+        f"{server.base_url}/v1/tasks/{task_id}/cancel", headers={"Authorization": f"Bearer {other}"}
+    )
     assert response.status_code == 404
     assert wait_terminal(client, task_id)["status"] == "completed"
 
@@ -189,7 +197,9 @@ def test_rate_limit_per_key(tight_server: LiveServer) -> None:
 
 def test_queue_bounds(tight_server: LiveServer) -> None:
     keys = [tight_server.create_key(f"queue-{i}") for i in range(2)]
-    clients = [httpx.Client(base_url=tight_server.base_url, headers={"Authorization": f"Bearer {k}"}) for k in keys]
+    clients = [
+        httpx.Client(base_url=tight_server.base_url, headers={"Authorization": f"Bearer {k}"}) for k in keys
+    ]
     # Let earlier tests' tasks drain so the counts below are this test's own.
     deadline = time.monotonic() + 60
     db = tight_server.database()
@@ -197,12 +207,16 @@ def test_queue_bounds(tight_server: LiveServer) -> None:
         with db.session() as session:
             from sqlalchemy import func, select
 
-            if not session.execute(select(func.count()).select_from(Task).where(Task.status.in_(("pending", "processing")))).scalar_one():
+            if not session.execute(
+                select(func.count()).select_from(Task).where(Task.status.in_(("pending", "processing")))
+            ).scalar_one():
                 break
         time.sleep(0.2)
     clients[0].post("/v1/text_to_image", json={"prompt": "running", **SLOW})
     time.sleep(1.0)  # let the worker take it: the rest queue behind it
-    statuses = [clients[0].post("/v1/text_to_image", json={"prompt": f"q{i}", **SMALL}).status_code for i in range(3)]
+    statuses = [
+        clients[0].post("/v1/text_to_image", json={"prompt": f"q{i}", **SMALL}).status_code for i in range(3)
+    ]
     assert statuses[:2] == [200, 200]
     assert statuses[2] == 429
     own = clients[0].post("/v1/text_to_image", json={"prompt": "q", **SMALL})
@@ -232,7 +246,10 @@ def test_body_size_limit(tight_server: LiveServer) -> None:
 
     chunked = httpx.post(f"{tight_server.base_url}/v1/text_to_image", content=chunks(), headers=headers)
     assert chunked.status_code == 413
-    assert httpx.get(f"{tight_server.base_url}/api/v1/me/balance", headers=headers).json()["balance_cents"] == 100
+    assert (
+        httpx.get(f"{tight_server.base_url}/api/v1/me/balance", headers=headers).json()["balance_cents"]
+        == 100
+    )
 
 
 # ------------------------------------------------------------------------------- leases and crashes
@@ -247,7 +264,9 @@ def test_expired_leases_are_retried_then_failed_and_refunded(tmp_path: Path) -> 
     with db.session() as session:
         account = accounts.create_account(session, "a", credits=5)
         principal = accounts.Principal(account.id, accounts.create_key(session, account, "k").key_id)
-        task_id = submit(session, principal, validate_request(TextToImageRequest(prompt="x"), settings), surface="t").id
+        task_id = submit(
+            session, principal, validate_request(TextToImageRequest(prompt="x"), settings), surface="t"
+        ).id
     claimed = first.claim()
     assert claimed is not None
     assert claimed.attempt == 1

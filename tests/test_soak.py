@@ -12,7 +12,9 @@ SOAK = Path(__file__).parent.parent / "scripts" / "soak.py"
 def test_short_soak_loses_nothing_and_balances_the_ledger() -> None:
     result = subprocess.run(
         [sys.executable, str(SOAK), "--tasks", "40", "--clients", "6", "--kills", "2"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]

@@ -85,3 +85,19 @@ def test_event_stream_of_another_accounts_task_is_a_404(server, client: httpx.Cl
     )
     assert response.status_code == 404
     wait_terminal(client, task_id)
+
+
+def test_the_sdk_sees_completion_within_100_ms(server, api_key: str) -> None:  # type: ignore[no-untyped-def]
+    from zimage_server.client import ZImage
+
+    lags: list[float] = []
+    with ZImage(base_url=server.base_url, api_key=api_key) as sdk:
+        for index in range(5):
+            task = sdk.run(f"sdk lag {index}", size="512x512", num_inference_steps=4)
+            seen = time.time()
+            assert task.status == "completed"
+            assert task.completed_at is not None
+            lags.append(seen - task.completed_at.timestamp())
+    lags.sort()
+    print(f"SDK saw completion after (s): {[round(lag, 4) for lag in lags]}")
+    assert lags[len(lags) // 2] < 0.1

@@ -18,7 +18,9 @@ SMALL = {"size": "256x256", "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def hook_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveServer]:
-    live = LiveServer(data_dir=tmp_path_factory.mktemp("hooks") / "data", model=tiny_model_dir, env=WEBHOOK_TEST_ENV)
+    live = LiveServer(
+        data_dir=tmp_path_factory.mktemp("hooks") / "data", model=tiny_model_dir, env=WEBHOOK_TEST_ENV
+    )
     live.start()
     yield live
     live.stop()
@@ -27,12 +29,16 @@ def hook_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 @pytest.fixture
 def http(hook_server: LiveServer) -> Iterator[httpx.Client]:
     key = hook_server.create_key(f"hooks-{time.monotonic_ns()}", credits=100)
-    with httpx.Client(base_url=hook_server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+    with httpx.Client(
+        base_url=hook_server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as client:
         yield client
 
 
 def deliveries(http: httpx.Client, task_id: str) -> list[dict[str, object]]:
-    data: list[dict[str, object]] = http.get("/api/v1/webhook_deliveries", params={"task_id": task_id}).json()["data"]
+    data: list[dict[str, object]] = http.get(
+        "/api/v1/webhook_deliveries", params={"task_id": task_id}
+    ).json()["data"]
     return data
 
 
@@ -46,8 +52,12 @@ def wait_delivery(http: httpx.Client, task_id: str, status: str, timeout: float 
     raise AssertionError(f"delivery for {task_id} never became {status}: {deliveries(http, task_id)}")
 
 
-def test_completed_task_is_delivered_signed_with_the_get_envelope(http: httpx.Client, receiver: WebhookReceiver) -> None:
-    task_id = http.post("/v1/text_to_image", json={"prompt": "hook", "callback_url": receiver.url, **SMALL}).json()["id"]
+def test_completed_task_is_delivered_signed_with_the_get_envelope(
+    http: httpx.Client, receiver: WebhookReceiver
+) -> None:
+    task_id = http.post(
+        "/v1/text_to_image", json={"prompt": "hook", "callback_url": receiver.url, **SMALL}
+    ).json()["id"]
     request = receiver.wait_for(1)[0]
     secret = http.get("/api/v1/webhook_secret").json()["secret"]
     assert secret.startswith("whsec_")
@@ -65,9 +75,13 @@ def test_completed_task_is_delivered_signed_with_the_get_envelope(http: httpx.Cl
     assert delivered["last_status_code"] == 200
 
 
-def test_failures_are_retried_with_backoff_then_succeed(http: httpx.Client, receiver: WebhookReceiver) -> None:
+def test_failures_are_retried_with_backoff_then_succeed(
+    http: httpx.Client, receiver: WebhookReceiver
+) -> None:
     receiver.script = [(500, {}, 0.0), (502, {}, 0.0)]
-    task_id = http.post("/v1/text_to_image", json={"prompt": "retry", "callback_url": receiver.url, **SMALL}).json()["id"]
+    task_id = http.post(
+        "/v1/text_to_image", json={"prompt": "retry", "callback_url": receiver.url, **SMALL}
+    ).json()["id"]
     received = receiver.wait_for(3)
     assert len({r.headers["webhook-id"] for r in received}) == 1  # one message, retried
     # Backoff: the first retry waits at least half of 0.3 s, the second at least half of 0.6 s.
@@ -87,7 +101,9 @@ def test_retry_after_is_honoured(http: httpx.Client, receiver: WebhookReceiver) 
 
 def test_410_stops_delivery(http: httpx.Client, receiver: WebhookReceiver) -> None:
     receiver.script = [(410, {}, 0.0)]
-    task_id = http.post("/v1/text_to_image", json={"prompt": "gone", "callback_url": receiver.url, **SMALL}).json()["id"]
+    task_id = http.post(
+        "/v1/text_to_image", json={"prompt": "gone", "callback_url": receiver.url, **SMALL}
+    ).json()["id"]
     delivery = wait_delivery(http, task_id, "failed")
     assert delivery["attempts"] == 1
     assert "410" in str(delivery["last_error"])
@@ -97,7 +113,9 @@ def test_410_stops_delivery(http: httpx.Client, receiver: WebhookReceiver) -> No
 
 def test_gives_up_after_the_attempt_bound(http: httpx.Client, receiver: WebhookReceiver) -> None:
     receiver.script = [(500, {}, 0.0)] * 10
-    task_id = http.post("/v1/text_to_image", json={"prompt": "never", "callback_url": receiver.url, **SMALL}).json()["id"]
+    task_id = http.post(
+        "/v1/text_to_image", json={"prompt": "never", "callback_url": receiver.url, **SMALL}
+    ).json()["id"]
     delivery = wait_delivery(http, task_id, "failed", timeout=60)
     assert delivery["attempts"] == 4
     assert "gave up" in str(delivery["last_error"])
@@ -115,10 +133,14 @@ def test_a_hanging_receiver_delays_nothing_else(
     slow = WebhookReceiver()
     slow.script = [(200, {}, 30.0)] * 4
     try:
-        hanging = http.post("/v1/text_to_image", json={"prompt": "hang", "callback_url": slow.url, **SMALL}).json()["id"]
+        hanging = http.post(
+            "/v1/text_to_image", json={"prompt": "hang", "callback_url": slow.url, **SMALL}
+        ).json()["id"]
         slow.wait_for(1)
         started = time.monotonic()
-        quick = http.post("/v1/text_to_image", json={"prompt": "quick", "callback_url": receiver.url, **SMALL}).json()["id"]
+        quick = http.post(
+            "/v1/text_to_image", json={"prompt": "quick", "callback_url": receiver.url, **SMALL}
+        ).json()["id"]
         receiver.wait_for(1, timeout=10)
         assert time.monotonic() - started < 5
         assert wait_terminal(http, quick)["status"] == "completed"
@@ -136,7 +158,9 @@ def test_a_hanging_receiver_delays_nothing_else(
 
 def test_cancelled_task_is_delivered_as_failed(http: httpx.Client, receiver: WebhookReceiver) -> None:
     http.post("/v1/text_to_image", json={"prompt": "blocker", "size": "1024x1024", "num_inference_steps": 12})
-    task_id = http.post("/v1/text_to_image", json={"prompt": "cancel me", "callback_url": receiver.url, **SMALL}).json()["id"]
+    task_id = http.post(
+        "/v1/text_to_image", json={"prompt": "cancel me", "callback_url": receiver.url, **SMALL}
+    ).json()["id"]
     assert http.post(f"/v1/tasks/{task_id}/cancel").json()["status"] == "failed"
     payload = json.loads(receiver.wait_for(1)[0].body)
     assert payload["status"] == "failed"
@@ -155,18 +179,26 @@ def test_secret_rotation_changes_the_signature(http: httpx.Client, receiver: Web
         Webhook(old).verify(request.body, request.headers)
 
 
-def test_deliveries_survive_a_restart(tmp_path: Path, tiny_model_dir: Path, receiver: WebhookReceiver) -> None:
+def test_deliveries_survive_a_restart(
+    tmp_path: Path, tiny_model_dir: Path, receiver: WebhookReceiver
+) -> None:
     live = LiveServer(
         data_dir=tmp_path / "data",
         model=tiny_model_dir,
-        env={**WEBHOOK_TEST_ENV, "ZIMAGE_WEBHOOK_BACKOFF_BASE_SECONDS": "3", "ZIMAGE_WEBHOOK_MAX_ATTEMPTS": "10"},
+        env={
+            **WEBHOOK_TEST_ENV,
+            "ZIMAGE_WEBHOOK_BACKOFF_BASE_SECONDS": "3",
+            "ZIMAGE_WEBHOOK_MAX_ATTEMPTS": "10",
+        },
     )
     live.start()
     try:
         key = live.create_key("restart")
         client = httpx.Client(base_url=live.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         receiver.script = [(500, {}, 0.0)]
-        task_id = client.post("/v1/text_to_image", json={"prompt": "x", "callback_url": receiver.url, **SMALL}).json()["id"]
+        task_id = client.post(
+            "/v1/text_to_image", json={"prompt": "x", "callback_url": receiver.url, **SMALL}
+        ).json()["id"]
         receiver.wait_for(1)
         live.kill()
         live.start()

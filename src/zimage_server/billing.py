@@ -22,6 +22,7 @@ GRANT_BONUS = "grant_bonus"
 RESERVE = "reserve"
 SETTLE = "settle"
 REFUND = "refund"
+CHAT = "chat"
 
 
 def task_price_cents(prices: dict[str, int], model: CatalogModel, num_images: int) -> int:
@@ -59,6 +60,17 @@ def grant(
     return _append(
         session, account_id, GRANT_BONUS if bonus else GRANT_PAID, amount_cents, task_id=None, note=note
     )
+
+
+def charge(session: Session, account_id: int, amount_cents: int, note: str) -> int | None:
+    """Take a usage charge (chat tokens) after the fact; returns the new balance, or None if it was free.
+
+    Usage is only known once it happened, so unlike a task reservation this may take the balance below
+    zero; callers refuse new work up front while the balance is not positive.
+    """
+    if amount_cents <= 0:
+        return None
+    return _append(session, account_id, CHAT, -amount_cents, task_id=None, note=note)
 
 
 def reserve(session: Session, task: Task) -> None:
@@ -158,14 +170,20 @@ def summarize(session: Session, account_id: int) -> BalanceSummary:
     reserved = select(func.coalesce(func.sum(Task.price_cents), 0)).where(
         Task.account_id == account_id, Task.status.in_(("pending", "processing"))
     )
+    # Chat usage is charged outright (ledger entries of kind "chat", negative amounts).
+    chat = select(func.coalesce(-func.sum(LedgerEntry.amount_cents), 0)).where(
+        LedgerEntry.account_id == account_id, LedgerEntry.kind == CHAT
+    )
     return BalanceSummary(
         balance_cents=account.balance_cents,
         paid_balance_cents=account.balance_cents - bonus_left,
         bonus_balance_cents=bonus_left,
         spent_cents_today=int(
             session.execute(completed.where(Task.completed_at >= start_of_day)).scalar_one()
-        ),
-        spent_cents_total=int(session.execute(completed).scalar_one()),
+        )
+        + int(session.execute(chat.where(LedgerEntry.created_at >= start_of_day)).scalar_one()),
+        spent_cents_total=int(session.execute(completed).scalar_one())
+        + int(session.execute(chat).scalar_one()),
         reserved_cents=int(session.execute(reserved).scalar_one()),
     )
 

@@ -6,22 +6,21 @@ import dataclasses
 import json
 import os
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from zimage_server import accounts, billing
+from zimage_server.client import Task, TaskFailedError, TaskTimeoutError, ZImage, ZImageError
 from zimage_server.config import Settings
 from zimage_server.db.models import Account
 from zimage_server.db.session import Database
@@ -85,6 +84,10 @@ def serve(
         str | None,
         typer.Option(help="auto, tiny, a local pipeline directory or a hub id. Env: ZIMAGE_MODEL."),
     ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(help="normal, or low: offload idle components to the CPU. Env: ZIMAGE_MEMORY."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Server log level.")] = "info",
 ) -> None:
     """Run the API server and its worker."""
@@ -92,7 +95,7 @@ def serve(
 
     from zimage_server.api.app import build_state, create_app
 
-    settings = _settings(host=host, port=port, data_dir=data_dir, model=model)
+    settings = _settings(host=host, port=port, data_dir=data_dir, model=model, memory=memory)
     with console.status("choosing the model..."):
         state = build_state(settings)
     state.db.migrate()
@@ -209,6 +212,28 @@ def keys_revoke(
         console.print(f"revoked key {revoked.id} ({revoked.prefix}...)")
 
 
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(
+    account: Annotated[str, typer.Argument(help="Account id or name.")],
+    rotate: Annotated[
+        bool, typer.Option(help="Replace the secret; receivers must switch to the new one.")
+    ] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show (or rotate) the secret that signs the account's webhooks (Standard Webhooks, whsec_...)."""
+    from zimage_server.webhooks import account_secret
+
+    with _admin_session(data_dir) as session:
+        owner = accounts.find_account(session, account)
+        secret = account_secret(session, owner.id, rotate=rotate)
+    if as_json:
+        _print_json({"account_id": owner.id, "account_name": owner.name, "secret": secret, "rotated": rotate})
+    else:
+        console.print(f"webhook signing secret of {owner.name!r}{' (new)' if rotate else ''}:")
+        console.print(f"  [bold]{secret}[/bold]")
+
+
 def _balance_dict(session: Session, account: Account) -> dict[str, Any]:
     summary = billing.summarize(session, account.id)
     return {"account_id": account.id, "account_name": account.name, **dataclasses.asdict(summary)}
@@ -281,86 +306,155 @@ def generate(
     if not key:
         errors.print("[red]error:[/red] no API key: pass --api-key or set ZIMAGE_API_KEY")
         raise typer.Exit(2)
-    body = {
-        "prompt": prompt,
-        "aspect_ratio": aspect_ratio,
-        "size": size,
-        "seed": seed,
-        "num_inference_steps": steps,
-        "num_images": num_images,
-        "negative_prompt": negative_prompt,
-        "output_format": output.suffix.lstrip(".").lower().replace("jpg", "jpeg") or "png",
-    }
-    body = {name: value for name, value in body.items() if value is not None}
-    if body["output_format"] not in ("png", "jpeg", "webp"):
+    output_format = output.suffix.lstrip(".").lower().replace("jpg", "jpeg") or "png"
+    if output_format not in ("png", "jpeg", "webp"):
         errors.print("[red]error:[/red] the output file must end in .png, .jpg, .jpeg or .webp")
         raise typer.Exit(2)
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
-        task = _checked(client.post("/api/v1/z_image/text_to_image", json=body))
-        deadline = time.monotonic() + timeout
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=errors,
-        ) as progress:
+    try:
+        with (
+            ZImage(base_url=base_url, api_key=key) as client,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=errors,
+            ) as progress,
+        ):
             bar = progress.add_task("queued", total=None, detail="")
-            while task["status"] in ("pending", "processing"):
-                if time.monotonic() > deadline:
-                    errors.print(
-                        f"[red]error:[/red] task {task['id']} still {task['status']} after {timeout:.0f}s"
-                    )
-                    raise typer.Exit(1)
-                if task["status"] == "pending":
-                    progress.update(
-                        bar, description="queued", detail=f"{task.get('queue_position', 0)} ahead"
-                    )
-                elif "progress" in task:
-                    step, total = task["progress"]["step"], task["progress"]["total"]
-                    progress.update(
-                        bar,
-                        description="rendering",
-                        total=total,
-                        completed=step,
-                        detail=f"step {step}/{total}",
-                    )
-                time.sleep(0.25)
-                task = _checked(client.get(f"/api/v1/z_image/text_to_image/{task['id']}"))
-            progress.update(
-                bar,
-                description=task["status"],
-                completed=progress.tasks[0].total or 1,
-                total=progress.tasks[0].total or 1,
+            # A quick poll keeps the bar moving; polling is free, and the server is local or close.
+            task = client.run(
+                prompt,
+                timeout=timeout,
+                poll_interval=0.25,
+                on_progress=_progress_updater(progress, bar),
+                aspect_ratio=aspect_ratio,
+                size=size,
+                seed=seed,
+                num_inference_steps=steps,
+                num_images=num_images,
+                negative_prompt=negative_prompt,
+                output_format=output_format,
             )
-        if task["status"] == "failed":
-            errors.print(f"[red]task {task['id']} failed:[/red] {task.get('error')}")
-            raise typer.Exit(1)
-        for index, image in enumerate(task["images"]):
-            path = output if index == 0 else output.with_stem(f"{output.stem}-{index}")
-            path.write_bytes(_checked_bytes(client.get(image["url"])))
-            console.print(f"saved {path} ({image['width']}x{image['height']}, seed {image['seed']})")
-    console.print(f"task {task['id']}: cost {task['usage']['cost_cents']} cent(s)")
+            paths = client.save(task, output)
+    except TaskTimeoutError as exc:
+        errors.print(f"[red]error:[/red] task {exc.task.id} still {exc.task.status} after {timeout:.0f}s")
+        raise typer.Exit(1) from None
+    except TaskFailedError as exc:
+        errors.print(f"[red]task {exc.task.id} failed:[/red] {exc.task.error}")
+        raise typer.Exit(1) from None
+    except ZImageError as exc:
+        errors.print(_error_line(exc))
+        raise typer.Exit(1) from None
+    for path, image in zip(paths, task.images, strict=True):
+        console.print(f"saved {path} ({image.width}x{image.height}, seed {image.seed})")
+    console.print(f"task {task.id}: cost {task.usage.cost_cents if task.usage else 0} cent(s)")
 
 
-def _checked(response: httpx.Response) -> dict[str, Any]:
-    if response.is_error:
-        try:
-            error = response.json()["error"]
-            message = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        errors.print(f"[red]error {response.status_code}:[/red] {message}")
-        raise typer.Exit(1)
-    data: dict[str, Any] = response.json()
-    return data
+def _progress_updater(progress: Progress, bar: TaskID) -> Callable[[Task], None]:
+    def update(task: Task) -> None:
+        if task.status == "pending":
+            progress.update(bar, description="queued", detail=f"{task.queue_position or 0} ahead")
+        elif task.status == "processing" and task.progress is not None:
+            step, total = task.progress.step, task.progress.total
+            progress.update(
+                bar, description="rendering", total=total, completed=step, detail=f"step {step}/{total}"
+            )
+        elif task.done:
+            end = progress.tasks[0].total or 1
+            progress.update(bar, description=task.status, completed=end, total=end)
+
+    return update
 
 
-def _checked_bytes(response: httpx.Response) -> bytes:
-    if response.is_error:
-        errors.print(f"[red]error {response.status_code}[/red] downloading {response.request.url}")
-        raise typer.Exit(1)
-    return response.content
+def _error_line(exc: ZImageError) -> str:
+    if exc.status_code is None:
+        return f"[red]error:[/red] {exc.message}"
+    detail = f"{exc.code}: {exc.message}" if exc.code else exc.message
+    return f"[red]error {exc.status_code}:[/red] {detail}"
+
+
+@app.command("mcp")
+def mcp_command(
+    base_url: Annotated[
+        str, typer.Option(envvar="ZIMAGE_BASE_URL", help="zimage-server URL. Env: ZIMAGE_BASE_URL.")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="ZIMAGE_API_KEY", help="API key. Env: ZIMAGE_API_KEY.")
+    ] = None,
+    transport: Annotated[
+        str, typer.Option(help="stdio (launched by the MCP host) or http (streamable HTTP at /mcp).")
+    ] = "stdio",
+    host: Annotated[str, typer.Option(help="Interface for --transport http.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for --transport http.")] = 8765,
+) -> None:
+    """Run an MCP server whose tools generate images on a zimage-server (needs the `mcp` extra)."""
+    key = api_key or os.environ.get("RUNAPI_API_KEY")
+    if not key:
+        errors.print("[red]error:[/red] no API key: pass --api-key or set ZIMAGE_API_KEY")
+        raise typer.Exit(2)
+    if transport not in ("stdio", "http"):
+        errors.print("[red]error:[/red] --transport must be stdio or http")
+        raise typer.Exit(2)
+    try:
+        from zimage_server import mcp_server
+    except ImportError as exc:
+        errors.print(f"[red]error:[/red] {exc}; install it with: pip install 'zimage-server[mcp]'")
+        raise typer.Exit(1) from None
+    mcp_server.run(
+        mcp_server.Connection(base_url=base_url, api_key=key),
+        "stdio" if transport == "stdio" else "http",
+        host=host,
+        port=port,
+    )
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A pipeline directory or hub id; default: full-size random weights on a GPU, tiny on CPU."
+        ),
+    ] = None,
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT to render.")] = "1024x1024",
+    steps: Annotated[int, typer.Option(help="Denoising steps.", min=1)] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions per row.", min=1)] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed repetitions first.", min=0)] = 2,
+    clients: Annotated[int, typer.Option(help="Concurrent clients of the HTTP row.", min=1)] = 8,
+    memory: Annotated[
+        str, typer.Option(help="normal, or low: also measure CPU offload (CUDA only).")
+    ] = "normal",
+    attention: Annotated[
+        str, typer.Option(help="Attention backend: auto or a diffusers backend name.")
+    ] = "auto",
+    compile_mode: Annotated[str, typer.Option("--compile", help="auto (CUDA only), on or off.")] = "auto",
+    http: Annotated[bool, typer.Option(help="Include the HTTP service rows.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure the stock pipeline, our engine and the HTTP service side by side, in one run."""
+    from zimage_server.bench import BenchOptions, render_table, run_bench
+    from zimage_server.engine.resolutions import parse_size
+
+    width, height = parse_size(size)
+    options = BenchOptions(
+        model=model,
+        width=width,
+        height=height,
+        steps=steps,
+        repeats=repeats,
+        warmup=warmup,
+        clients=clients,
+        memory_low=memory == "low",
+        attention_backend=attention,
+        compile=compile_mode,
+        http=http,
+    )
+    report = run_bench(options, progress=lambda line: errors.print(f"[dim]measuring {line}[/dim]"))
+    if as_json:
+        _print_json(report.as_dict())
+    else:
+        console.print(render_table(report))
 
 
 @app.command("tiny-model")
