@@ -181,3 +181,24 @@ def test_a_batch_of_tasks_renders_each_as_it_would_alone(engine: ZImageEngine) -
             assert max_pixel_difference(batch_image, single_image) <= 2
     with pytest.raises(ValueError, match="share"):
         engine.generate_batch([spec(width=256), spec(width=512)])
+
+
+def test_regional_compile_does_not_recompile_across_sizes_and_prompts() -> None:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from zimage_server.engine.pipeline import EngineOptions
+    from zimage_server.engine.resolutions import ASPECT_RATIO_SIZES
+    from zimage_server.engine.tiny import build_tiny_pipeline
+
+    compiled = ZImageEngine(build_tiny_pipeline(), source="tiny", options=EngineOptions(compile="on"))
+    assert compiled.compiled
+    compiled.warm_up([(512, 512)])
+    graphs = counters["stats"]["unique_graphs"]
+    # Every preset size and prompts of other lengths run on the graph compiled once: any recompile raises.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for index, (width, height) in enumerate(ASPECT_RATIO_SIZES.values()):
+            compiled.generate(
+                spec(width=width, height=height, num_inference_steps=2, prompt="a cat " * (index * 7 + 1))
+            )
+    assert counters["stats"]["unique_graphs"] == graphs
