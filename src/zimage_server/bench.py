@@ -10,14 +10,16 @@ one generation, counted from the architecture, over time and the device's bf16 p
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -256,9 +258,10 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = lambda _l
         )
     )
     if options.http:
+        served = options.model or ("full-random" if device.type == "cuda" else "tiny")
         for clients in sorted({1, options.clients}):
             progress(f"(c) HTTP service, {clients} client(s)")
-            rows.append(_http_row(engine, options, clients))
+            rows.append(_http_row(options, clients, served))
     if options.memory_low and device.type == "cuda":
         progress("low-VRAM mode (CPU offload)")
         place(pipeline, device, "low")
@@ -282,75 +285,109 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = lambda _l
     return report
 
 
-def _http_row(engine: ZImageEngine, options: BenchOptions, clients: int) -> Row:
-    """The service end to end: a real uvicorn server on loopback in this process, driven over HTTP."""
-    import uvicorn
+def _http_row(options: BenchOptions, clients: int, served_model: str) -> Row:
+    """The service end to end: `zimage serve` in its own process on loopback, driven through our SDK.
 
-    from zimage_server import accounts
-    from zimage_server.api.app import build_state, create_app
-    from zimage_server.config import Settings
-    from zimage_server.engine.source import ModelChoice
+    A separate process, as in production: the clients' threads must not compete with the server for
+    this process's interpreter lock.
+    """
+    from zimage_server.client import ZImage
 
     with tempfile.TemporaryDirectory(prefix="zimage-bench-") as data_dir:
-        settings = Settings(
-            data_dir=Path(data_dir),
-            port=_free_port(),
-            rate_limit_per_minute=1e9,
-            rate_limit_burst=1_000_000,
-            max_pending_tasks_per_account=100_000,
-            worker_idle_poll_seconds=0.05,
-        )
-        state = build_state(
-            settings, model_choice=ModelChoice(engine.source, "bench", True), load_engine=lambda: engine
-        )
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(state), host="127.0.0.1", port=settings.port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{settings.port}"
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        with state.db.session() as session:
-            account = accounts.create_account(session, "bench", credits=10_000_000)
-            key = accounts.create_key(session, account, "bench").key
-        body = {
-            "prompt": PROMPT,
-            "size": f"{options.width}x{options.height}",
-            "num_inference_steps": options.steps,
+        port = _free_port()
+        env = {
+            **os.environ,
+            "ZIMAGE_RATE_LIMIT_PER_MINUTE": "1000000000",
+            "ZIMAGE_RATE_LIMIT_BURST": "1000000",
+            "ZIMAGE_MAX_PENDING_TASKS_PER_ACCOUNT": "100000",
+            "ZIMAGE_ATTENTION_BACKEND": options.attention_backend,
+            "ZIMAGE_COMPILE": options.compile,
         }
-        per_client = max(1, options.repeats if clients == 1 else max(2, options.repeats // 2))
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zimage_server",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                data_dir,
+                "--model",
+                served_model,
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_ready(base, server)
+            created = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "zimage_server",
+                    "keys",
+                    "create",
+                    "--name",
+                    "bench",
+                    "--credits",
+                    "100000000",
+                    "--json",
+                    "--data-dir",
+                    data_dir,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            key = json.loads(created.stdout)["key"]
+            per_client = options.repeats if clients == 1 else max(2, options.repeats // 2)
 
-        def one(http: httpx.Client, index: int) -> float:
-            begin = time.perf_counter()
-            task = http.post("/v1/text_to_image", json={**body, "prompt": f"{PROMPT} #{index}"}).json()
-            while task["status"] not in ("completed", "failed"):
-                task = http.get(f"/v1/tasks/{task['id']}", headers={"Prefer": "wait=30"}).json()
-            if task["status"] != "completed":
-                raise RuntimeError(f"bench task failed: {task.get('error')}")
-            return time.perf_counter() - begin
+            def client_loop(client_index: int, count: int) -> list[float]:
+                latencies: list[float] = []
+                with ZImage(base_url=base, api_key=key, timeout=600) as sdk:
+                    for index in range(count):
+                        begin = time.perf_counter()
+                        sdk.run(
+                            f"{PROMPT} #{client_index * 1000 + index}",
+                            size=f"{options.width}x{options.height}",
+                            num_inference_steps=options.steps,
+                        )
+                        latencies.append(time.perf_counter() - begin)
+                return latencies
 
-        def client_loop(client_index: int, count: int) -> list[float]:
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
-                return [one(http, client_index * 1000 + index) for index in range(count)]
-
-        client_loop(999, 1)  # warm-up through the whole path
-        memory: list[float | None] = []
-        device = engine.device
-        with _peak_memory(device, memory), ThreadPoolExecutor(clients) as pool:
-            started = time.perf_counter()
-            results = list(pool.map(lambda c: client_loop(c, per_client), range(clients)))
-            wall = time.perf_counter() - started
-        server.should_exit = True
-        thread.join(30)
-        state.db.dispose()
+            client_loop(999, max(1, options.warmup))  # warm-up through the whole path
+            with ThreadPoolExecutor(clients) as pool:
+                started = time.perf_counter()
+                results = list(pool.map(lambda c: client_loop(c, per_client), range(clients)))
+                wall = time.perf_counter() - started
+        finally:
+            server.terminate()
+            server.wait(60)
     latencies = [latency for result in results for latency in result]
-    return Row(f"(c) HTTP service, {clients} client(s)", latencies, len(latencies), wall, memory[0])
+    return Row(
+        f"(c) HTTP service, {clients} client(s)", latencies, len(latencies), wall, None, note="server process"
+    )
+
+
+def _wait_ready(base: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 1800  # a full-size model with compile warm-up takes minutes
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"the bench server exited: {server.stderr.read().decode()[-2000:] if server.stderr else ''}"
+            )
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the bench server did not become ready")
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

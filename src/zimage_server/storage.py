@@ -38,7 +38,8 @@ def encode_image(image: Image.Image, output_format: str) -> bytes:
     elif pil_format == "WEBP":
         image.save(buffer, format="WEBP", quality=92)
     else:
-        image.save(buffer, format="PNG")
+        # Level 1: several times faster than the default 6 and only slightly larger; latency matters more.
+        image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -301,7 +301,8 @@ class Lifecycle:
 
     def _finish(self, session: Session, task: Task) -> None:
         base = self._settings.public_base_url or self._settings.local_base_url()
-        webhooks.enqueue(session, task, self._renderer.render(task, base))
+        if task.callback_url:
+            webhooks.enqueue(session, task, self._renderer.render(task, base))
 
     def complete(self, session: Session, task: Task, image_files: list[str]) -> None:
         task.status = COMPLETED

@@ -137,6 +137,9 @@ def _cancel(state: ServiceState, principal: Principal, task_id: str, base_url: s
             )
         state.lifecycle.cancel(session, task)
         session.flush()
+        if task.status == tasks.PROCESSING:
+            # The worker in this process learns of it at its next step, without waiting for a database check.
+            state.runner.request_cancel(task.id)
         response = _task_response(state, task, None, base_url)
     state.webhooks.wake()
     state.completion.notify()

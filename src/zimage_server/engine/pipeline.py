@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from PIL.Image import Image
 
+from zimage_server.engine.source import FULL_RANDOM
 from zimage_server.engine.spec import MAX_SEQUENCE_LENGTH, GenerationCancelled, GenerationSpec, batch_key
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,15 @@ class ZImageEngine:
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         log.info("loading %s on %s in %s (memory %s)", source, device, dtype, options.memory)
-        pipeline = ZImagePipeline.from_pretrained(str(source), dtype=dtype)
+        if str(source) == FULL_RANDOM:
+            from zimage_server.engine.full_size import build_full_size_pipeline
+
+            # Built where its weights will live: on the GPU, or in CPU memory when they are offloaded.
+            pipeline = build_full_size_pipeline(
+                device if options.memory == "normal" else torch.device("cpu"), dtype
+            )
+        else:
+            pipeline = ZImagePipeline.from_pretrained(str(source), dtype=dtype)
         place(pipeline, device, options.memory)
         return cls(pipeline, source=str(source), random_weights=random_weights, options=options)
 

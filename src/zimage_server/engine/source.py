@@ -10,6 +10,8 @@ from zimage_server.engine.tiny import is_tiny_model, save_tiny_model
 
 AUTO = "auto"
 TINY = "tiny"
+# The full-size architecture with random weights: real compute without the weights, for load tests.
+FULL_RANDOM = "full-random"
 TINY_DIR_NAME = "tiny-random"
 
 
@@ -53,6 +55,8 @@ def resolve_model_source(model: str, models_dir: Path) -> ModelChoice:
     """
     if model == TINY:
         return tiny_model_choice(models_dir, "asked for the tiny random model")
+    if model == FULL_RANDOM:
+        return ModelChoice(FULL_RANDOM, "full-size Z-Image-Turbo architecture with random weights", True)
     if model != AUTO:
         path = Path(model).expanduser()
         if path.exists():

@@ -29,6 +29,8 @@ STARTING = "starting"
 READY = "ready"
 SETUP_FAILED = "setup_failed"
 STOPPED = "stopped"
+# Longest stretch between database checkpoints while denoising.
+CHECKPOINT_SECONDS = 0.25
 
 
 class DurationEstimator:
@@ -90,6 +92,7 @@ class Runner:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._cancel_requests: set[str] = set()
         # Encoding and saving images happens here, while the GPU already denoises the next batch.
         self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zimage-encode")
         self.tasks_completed = 0
@@ -101,6 +104,10 @@ class Runner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def request_cancel(self, task_id: str) -> None:
+        """A cancel recorded in the database for a task this worker may be running: look at once."""
+        self._cancel_requests.add(task_id)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking tasks; a batch in flight stops at its next step and goes back to the queue."""
@@ -132,6 +139,7 @@ class Runner:
                 self._wake.clear()
                 continue
             self._run(batch)
+            self._cancel_requests.difference_update(claimed.id for claimed in batch)
 
     def _heartbeat(self, active: set[str], done: threading.Event, lost: threading.Event) -> None:
         # Steps renew the leases too; this covers the stretches without steps (VAE decode, encoding).
@@ -154,16 +162,24 @@ class Runner:
 
         def on_step(step: int, total: int) -> bool:
             nonlocal last_report
+            if self._stopping.is_set() or lost.is_set():
+                raise _Stop
             now = time.monotonic()
-            # Progress is for humans watching; a write every quarter second is plenty.
-            record = now - last_report > 0.25 or step == 1
-            if record:
-                last_report = now
-            verdicts = self.queue.checkpoint_many(sorted(active), step, total, record_progress=record)
+            # The database is checked at most every quarter second (progress for humans, leases, cancels
+            # from other processes); a cancel made through this process is seen at the very next step.
+            if (
+                now - last_report < CHECKPOINT_SECONDS
+                and step != total
+                and not (self._cancel_requests & active)
+            ):
+                return True
+            last_report = now
+            verdicts = self.queue.checkpoint_many(sorted(active), step, total, record_progress=True)
             if Checkpoint.LOST in verdicts.values() or lost.is_set() or self._stopping.is_set():
                 raise _Stop
             for task_id, verdict in verdicts.items():
                 if verdict is Checkpoint.CANCEL:
+                    self._cancel_requests.discard(task_id)
                     # Refunded and reported now; its images, if the batch goes on, are dropped.
                     self.queue.end_cancelled(task_id)
                     active.discard(task_id)
