@@ -11,11 +11,6 @@ balances. Prints the figures; exits 1 if anything was lost or the money does not
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,69 +25,7 @@ from sqlalchemy import func, select
 from zimage_server import billing
 from zimage_server.db.models import Account, LedgerEntry, Task
 from zimage_server.db.session import Database
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = (data_dir.parent / "server.log").open("ab")
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "ZIMAGE_WORKER_IDLE_POLL_SECONDS": "0.1",
-            "ZIMAGE_RATE_LIMIT_BURST": "100000",
-            "ZIMAGE_RATE_LIMIT_PER_MINUTE": "100000",
-            "ZIMAGE_MAX_PENDING_TASKS_PER_ACCOUNT": "100000",
-            "ZIMAGE_MAX_PENDING_TASKS_TOTAL": "100000",
-        }
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zimage_server",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-                "--model",
-                "tiny",
-                "--log-level",
-                "warning",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(60)
+from zimage_server.process import ServerProcess
 
 
 def main() -> int:
@@ -107,29 +40,18 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="zimage-soak-"))
-    server = Server(workdir / "data", free_port())
+    # Limits out of the way: this measures durability, not back-pressure.
+    unlimited = {
+        "ZIMAGE_RATE_LIMIT_BURST": "100000",
+        "ZIMAGE_RATE_LIMIT_PER_MINUTE": "100000",
+        "ZIMAGE_MAX_PENDING_TASKS_PER_ACCOUNT": "100000",
+        "ZIMAGE_MAX_PENDING_TASKS_TOTAL": "100000",
+        "ZIMAGE_WORKER_IDLE_POLL_SECONDS": "0.1",
+    }
+    server = ServerProcess(workdir / "data", "tiny", env=unlimited, log_path=workdir / "server.log")
     started = time.monotonic()
     server.start()
-    created = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "zimage_server",
-            "keys",
-            "create",
-            "--name",
-            "soak",
-            "--credits",
-            str(args.tasks * 2),
-            "--json",
-            "--data-dir",
-            str(server.data_dir),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    key = json.loads(created.stdout)["key"]
+    key = server.create_key("soak", args.tasks * 2)
     headers = {"Authorization": f"Bearer {key}"}
 
     accepted: dict[str, str] = {}  # idempotency key -> task id

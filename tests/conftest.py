@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -18,6 +13,9 @@ import pytest
 from zimage_server import accounts
 from zimage_server.db.session import Database
 from zimage_server.engine.tiny import save_tiny_model
+from zimage_server.process import ServerProcess, free_port
+
+__all__ = ["LiveServer", "WebhookReceiver", "free_port", "wait_terminal"]
 
 
 @pytest.fixture(scope="session")
@@ -25,83 +23,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class LiveServer:
+class LiveServer(ServerProcess):
     """`zimage serve` in its own process, as a user runs it, on a loopback port."""
 
-    data_dir: Path
-    model: Path
-    port: int = field(default_factory=free_port)
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> None:
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server-{self.port}.log"
-        log = self.log_path.open("ab")
-        env = {**os.environ, "ZIMAGE_WORKER_IDLE_POLL_SECONDS": "0.2", **self.env}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zimage_server",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-                "--model",
-                str(self.model),
-                "--log-level",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL: the crash a power cut or the OOM killer causes, with no chance to clean up."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def __init__(self, data_dir: Path, model: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(data_dir, model, env=env)
 
     def database(self) -> Database:
         return Database(f"sqlite:///{self.data_dir / 'zimage.db'}")
 
     def create_key(self, name: str, credits: int = 100) -> str:
+        # Straight into the database: much faster than the CLI, and tests make hundreds of accounts.
         db = self.database()
         try:
             with db.session() as session:

@@ -10,24 +10,21 @@ one generation, counted from the architecture, over time and the device's bf16 p
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from zimage_server.engine.flops import GenerationFlops, count_generation_flops, datasheet_peak
 from zimage_server.engine.pipeline import EngineOptions, ZImageEngine, default_device, default_dtype, place
 from zimage_server.engine.spec import DEFAULT_STEPS, GenerationSpec
+from zimage_server.process import ServerProcess
 
 PROMPT = "a red fox sitting in fresh snow at sunrise, soft light, detailed fur, 35mm photograph"
 
@@ -294,57 +291,20 @@ def _http_row(options: BenchOptions, clients: int, served_model: str) -> Row:
     from zimage_server.client import ZImage
 
     with tempfile.TemporaryDirectory(prefix="zimage-bench-") as data_dir:
-        port = _free_port()
         env = {
-            **os.environ,
             "ZIMAGE_RATE_LIMIT_PER_MINUTE": "1000000000",
             "ZIMAGE_RATE_LIMIT_BURST": "1000000",
             "ZIMAGE_MAX_PENDING_TASKS_PER_ACCOUNT": "100000",
+            "ZIMAGE_WORKER_IDLE_POLL_SECONDS": "1.0",
             "ZIMAGE_ATTENTION_BACKEND": options.attention_backend,
             "ZIMAGE_COMPILE": options.compile,
         }
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zimage_server",
-                "serve",
-                "--port",
-                str(port),
-                "--data-dir",
-                data_dir,
-                "--model",
-                served_model,
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        server = ServerProcess(Path(data_dir) / "data", served_model, env=env)
         try:
-            base = f"http://127.0.0.1:{port}"
-            _wait_ready(base, server)
-            created = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "zimage_server",
-                    "keys",
-                    "create",
-                    "--name",
-                    "bench",
-                    "--credits",
-                    "100000000",
-                    "--json",
-                    "--data-dir",
-                    data_dir,
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            key = json.loads(created.stdout)["key"]
+            # A full-size model with its compile warm-up takes minutes to be ready.
+            server.start(timeout=1800)
+            base = server.base_url
+            key = server.create_key("bench", 100_000_000)
             per_client = options.repeats if clients == 1 else max(2, options.repeats // 2)
 
             def client_loop(client_index: int, count: int) -> list[float]:
@@ -366,41 +326,16 @@ def _http_row(options: BenchOptions, clients: int, served_model: str) -> Row:
                 results = list(pool.map(lambda c: client_loop(c, per_client), range(clients)))
                 wall = time.perf_counter() - started
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
     latencies = [latency for result in results for latency in result]
     return Row(
         f"(c) HTTP service, {clients} client(s)", latencies, len(latencies), wall, None, note="server process"
     )
 
 
-def _wait_ready(base: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 1800  # a full-size model with compile warm-up takes minutes
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(
-                f"the bench server exited: {server.stderr.read().decode()[-2000:] if server.stderr else ''}"
-            )
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the bench server did not become ready")
-
-
 def _config_dict(config: Any) -> dict[str, Any]:
     # transformers configs are objects with to_dict(); diffusers configs are already mappings.
     return dict(config.to_dict() if hasattr(config, "to_dict") else config)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render_table(report: BenchReport) -> Any:
