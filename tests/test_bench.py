@@ -42,3 +42,17 @@ def test_flop_count_of_the_full_size_model_matches_the_published_estimate() -> N
     assert doubled.transformer == pytest.approx(2 * flops.transformer, rel=0.01)
     assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert datasheet_peak("some cpu") is None
+
+
+def test_full_size_architecture_builds_from_the_shipped_configs() -> None:
+    import torch
+
+    from zimage_server.engine.full_size import build_components
+
+    # On the meta device: the real shapes, no memory, no initialisation time.
+    components = build_components(torch.device("meta"), torch.bfloat16)
+    billions = {name: sum(p.numel() for p in module.parameters()) / 1e9 for name, module in components.items()}
+    assert billions["transformer"] == pytest.approx(6.15, abs=0.01)  # z-image-model.md: 6.15 B
+    assert billions["text_encoder"] == pytest.approx(4.0, abs=0.1)  # Qwen3-4B, tied embeddings
+    assert 0.05 < billions["vae"] < 0.1
+    assert all(p.dtype == torch.bfloat16 for module in components.values() for p in module.parameters())
