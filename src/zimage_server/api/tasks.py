@@ -204,110 +204,86 @@ def _sse_event(state: ServiceState, task: Task, position: int | None, base_url: 
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-@router.post(
-    "/api/v1/z_image/text_to_image",
-    tags=["RunAPI surface"],
-    summary="Create a Z-Image text-to-image task",
-    responses=_TASK_RESPONSES,
-)
-async def create_runapi_task(
-    request: TextToImageRequest,
-    state: State,
-    principal: CurrentPrincipal,
-    base_url: BaseUrl,
-    idempotency_key: IdempotencyKeyHeader = None,
-    prefer: PreferHeader = None,
-) -> JSONResponse:
-    return await _create(state, principal, request, base_url, RUNAPI_SURFACE, idempotency_key, prefer)
-
-
-@router.get(
-    "/api/v1/z_image/text_to_image/{task_id}",
-    tags=["RunAPI surface"],
-    summary="Get a text-to-image task",
-    responses=_TASK_RESPONSES,
-)
-async def get_runapi_task(
-    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl, prefer: PreferHeader = None
-) -> JSONResponse:
-    return await _read(state, principal, task_id, base_url, prefer)
-
-
-@router.post(
-    "/v1/text_to_image",
-    tags=["Generic surface"],
-    summary="Create a text-to-image task (answers {task_id, id, status, model})",
-    responses=_TASK_RESPONSES,
-)
-async def create_generic_task(
-    request: TextToImageRequest,
-    state: State,
-    principal: CurrentPrincipal,
-    base_url: BaseUrl,
-    idempotency_key: IdempotencyKeyHeader = None,
-    prefer: PreferHeader = None,
-) -> JSONResponse:
-    return await _create(state, principal, request, base_url, GENERIC_SURFACE, idempotency_key, prefer)
-
-
-@router.get("/v1/tasks/{task_id}", tags=["Generic surface"], summary="Get a task", responses=_TASK_RESPONSES)
-async def get_generic_task(
-    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl, prefer: PreferHeader = None
-) -> JSONResponse:
-    return await _read(state, principal, task_id, base_url, prefer)
-
-
 _EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "queued, progress, then completed or failed"},
     **ERROR_RESPONSES,
 }
 
 
-@router.get(
-    "/v1/tasks/{task_id}/events",
-    tags=["Generic surface"],
-    summary="Server-sent events: queue position, step i/N, then the completed task with its URLs",
-    response_class=StreamingResponse,
-    responses=_EVENTS_RESPONSES,
+def _add_surface(surface: str, create_path: str, task_path: str, tag: str) -> None:
+    """The same four operations on one surface's paths; both surfaces share one task store."""
+
+    async def create(
+        request: TextToImageRequest,
+        state: State,
+        principal: CurrentPrincipal,
+        base_url: BaseUrl,
+        idempotency_key: IdempotencyKeyHeader = None,
+        prefer: PreferHeader = None,
+    ) -> JSONResponse:
+        return await _create(state, principal, request, base_url, surface, idempotency_key, prefer)
+
+    async def get(
+        task_id: str,
+        state: State,
+        principal: CurrentPrincipal,
+        base_url: BaseUrl,
+        prefer: PreferHeader = None,
+    ) -> JSONResponse:
+        return await _read(state, principal, task_id, base_url, prefer)
+
+    def cancel(task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl) -> JSONResponse:
+        return _cancel(state, principal, task_id, base_url)
+
+    async def events(
+        task_id: str, request: Request, state: State, principal: CurrentPrincipal, base_url: BaseUrl
+    ) -> StreamingResponse:
+        return await _events(state, principal, task_id, base_url, request)
+
+    common: dict[str, Any] = {"tags": [tag]}
+    router.add_api_route(
+        create_path,
+        create,
+        methods=["POST"],
+        name=f"create_{surface}_task",
+        responses=_TASK_RESPONSES,
+        summary="Create a text-to-image task (answers at once, or with Prefer: wait once it ends)",
+        **common,
+    )
+    router.add_api_route(
+        task_path,
+        get,
+        methods=["GET"],
+        name=f"get_{surface}_task",
+        responses=_TASK_RESPONSES,
+        summary="Get a task",
+        **common,
+    )
+    router.add_api_route(
+        f"{task_path}/cancel",
+        cancel,
+        methods=["POST"],
+        name=f"cancel_{surface}_task",
+        responses=_TASK_RESPONSES,
+        summary="Cancel a task: pending ones end at once, processing ones at the next step",
+        **common,
+    )
+    router.add_api_route(
+        f"{task_path}/events",
+        events,
+        methods=["GET"],
+        name=f"{surface}_task_events",
+        response_class=StreamingResponse,
+        responses=_EVENTS_RESPONSES,
+        summary="Server-sent events: queue position, step i/N, then the finished task with its URLs",
+        **common,
+    )
+
+
+_add_surface(
+    RUNAPI_SURFACE,
+    "/api/v1/z_image/text_to_image",
+    "/api/v1/z_image/text_to_image/{task_id}",
+    "RunAPI surface",
 )
-async def task_events(
-    task_id: str, request: Request, state: State, principal: CurrentPrincipal, base_url: BaseUrl
-) -> StreamingResponse:
-    return await _events(state, principal, task_id, base_url, request)
-
-
-@router.get(
-    "/api/v1/z_image/text_to_image/{task_id}/events",
-    tags=["RunAPI surface"],
-    summary="Server-sent events for a text-to-image task",
-    response_class=StreamingResponse,
-    responses=_EVENTS_RESPONSES,
-)
-async def runapi_task_events(
-    task_id: str, request: Request, state: State, principal: CurrentPrincipal, base_url: BaseUrl
-) -> StreamingResponse:
-    return await _events(state, principal, task_id, base_url, request)
-
-
-@router.post(
-    "/api/v1/z_image/text_to_image/{task_id}/cancel",
-    tags=["RunAPI surface"],
-    summary="Cancel a task: pending ones end at once, processing ones at the next step",
-    responses=_TASK_RESPONSES,
-)
-def cancel_runapi_task(
-    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl
-) -> JSONResponse:
-    return _cancel(state, principal, task_id, base_url)
-
-
-@router.post(
-    "/v1/tasks/{task_id}/cancel",
-    tags=["Generic surface"],
-    summary="Cancel a task: pending ones end at once, processing ones at the next step",
-    responses=_TASK_RESPONSES,
-)
-def cancel_generic_task(
-    task_id: str, state: State, principal: CurrentPrincipal, base_url: BaseUrl
-) -> JSONResponse:
-    return _cancel(state, principal, task_id, base_url)
+_add_surface(GENERIC_SURFACE, "/v1/text_to_image", "/v1/tasks/{task_id}", "Generic surface")
