@@ -51,7 +51,9 @@ def test_full_size_architecture_builds_from_the_shipped_configs() -> None:
 
     # On the meta device: the real shapes, no memory, no initialisation time.
     components = build_components(torch.device("meta"), torch.bfloat16)
-    billions = {name: sum(p.numel() for p in module.parameters()) / 1e9 for name, module in components.items()}
+    billions = {
+        name: sum(p.numel() for p in module.parameters()) / 1e9 for name, module in components.items()
+    }
     assert billions["transformer"] == pytest.approx(6.15, abs=0.01)  # z-image-model.md: 6.15 B
     assert billions["text_encoder"] == pytest.approx(4.0, abs=0.1)  # Qwen3-4B, tied embeddings
     assert 0.05 < billions["vae"] < 0.1
